@@ -4,7 +4,7 @@ Every error a user can cause derives from :class:`ZogyError`; the command line
 turns these into one line on stderr and a non-zero exit status.
 """
 
-__all__ = ["ZogyError", "InputError", "ConfigError", "ProcessingError"]
+__all__ = ["ZogyError", "InputError", "ConfigError", "ProcessingError", "Cancelled"]
 
 
 class ZogyError(Exception):
@@ -21,3 +21,7 @@ class ConfigError(ZogyError, ValueError):
 
 class ProcessingError(ZogyError, RuntimeError):
     """A computation could not be completed (e.g. a PSF could not be estimated)."""
+
+
+class Cancelled(ZogyError):
+    """Processing was stopped on request (e.g. a daemon shutting down)."""

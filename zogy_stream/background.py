@@ -1,0 +1,208 @@
+"""Background and noise: a mesh on a global grid, plus plain tile statistics.
+
+The background is estimated on square cells of a grid fixed in *image*
+coordinates (cell ``(i, j)`` covers rows ``i*B:(i+1)*B``, columns
+``j*B:(j+1)*B``), each from its own pixels only, and interpolated bilinearly
+between cell centres.  A pixel's background therefore does not depend on
+how the mosaic is tiled, nor on which process computes it.  Cell values are
+a sigma-clipped mean and a truncation-corrected clipped standard deviation.
+
+Why large cells: S integrates a PSF-sized footprint, so a background error
+delta shifts S_corr by about delta/sigma * sqrt(4 pi s^2) (s: PSF sigma),
+i.e. ~7 delta/sigma for a 4 px FWHM.  A 256-px cell has delta ~ sigma/256.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .tiles import Box
+
+__all__ = ["TileStats", "tile_stats", "MeshBackground", "truncation_factor"]
+
+#: clipping threshold (in sigma) of the background statistics
+CLIP = 3.0
+
+
+def truncation_factor(k: float) -> float:
+    """Clipped std of Gaussian noise in units of its true sigma.
+
+    Iterative k-sigma clipping converges to the cut ``c = k * f(c)`` where
+    ``f(c)`` is the std of a Gaussian truncated at +-c; we return ``f(c)``
+    at that fixed point (0.9853 for k = 3) so it can be divided out.
+    """
+    def f(c):
+        phi = math.exp(-0.5 * c * c) / math.sqrt(2 * math.pi)
+        return math.sqrt(1.0 - 2.0 * c * phi / math.erf(c / math.sqrt(2.0)))
+
+    c = k
+    for _ in range(50):
+        c = k * f(c)
+    return f(c)
+
+
+_TRUNC = truncation_factor(CLIP)
+
+
+@njit(cache=True, nogil=True)
+def _clipped_stats(img, y0, y1, x0, x1, step, saturation, clip, iters):
+    """Clipped mean and std of img[y0:y1:step, x0:x1:step] (finite, < saturation).
+
+    Starts from the median, then iterates mean/std within +-clip*std.
+    Returns (mean, std, n_used); n_used = 0 when nothing is usable.
+    """
+    n = 0
+    buf = np.empty(((y1 - y0 + step - 1) // step) * ((x1 - x0 + step - 1) // step), np.float64)
+    for y in range(y0, y1, step):
+        for x in range(x0, x1, step):
+            v = img[y, x]
+            if np.isfinite(v) and v < saturation:
+                buf[n] = v
+                n += 1
+    if n < 16:
+        return 0.0, 0.0, 0
+    vals = buf[:n]
+    centre = np.median(vals)
+    # initial scale: MAD
+    mad = np.median(np.abs(vals - centre)) * 1.482602218505602
+    lo = centre - clip * mad if mad > 0 else -np.inf
+    hi = centre + clip * mad if mad > 0 else np.inf
+    mean = centre
+    std = mad
+    used = n
+    for _ in range(iters):
+        s = 0.0
+        s2 = 0.0
+        m = 0
+        for v in vals:
+            if lo <= v <= hi:
+                s += v
+                s2 += v * v
+                m += 1
+        if m < 16:
+            break
+        mean = s / m
+        std = math.sqrt(max(s2 / m - mean * mean, 0.0))
+        used = m
+        nlo = mean - clip * std
+        nhi = mean + clip * std
+        if nlo == lo and nhi == hi:
+            break
+        lo, hi = nlo, nhi
+    return mean, std, used
+
+
+class TileStats(tuple):
+    """``(background, sigma)`` of one image in one window."""
+
+    __slots__ = ()
+
+    def __new__(cls, background: float, sigma: float):
+        return super().__new__(cls, (float(background), float(sigma)))
+
+    background = property(lambda self: self[0])
+    sigma = property(lambda self: self[1])
+
+
+def tile_stats(image: np.ndarray, *, variance: np.ndarray | None = None,
+               saturation: float = math.inf, subtract: bool = True,
+               fallback_sigma: float | None = None, samples: int = 250_000) -> TileStats:
+    """Clipped background and noise of a whole array (a regular subsample).
+
+    The noise is the truncation-corrected clipped std, or sqrt(median
+    variance) when a variance map is given.  ``(0, fallback_sigma)`` when no
+    pixel is usable.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    step = max(1, int(math.sqrt(img.size / samples)))
+    mean, std, n = _clipped_stats(img, 0, img.shape[0], 0, img.shape[1], step,
+                                  float(saturation), CLIP, 20)
+    fb = fallback_sigma if fallback_sigma else 1.0
+    if n == 0:
+        return TileStats(0.0, fb)
+    sigma = std / _TRUNC
+    if variance is not None:
+        v = np.asarray(variance)[::step, ::step]
+        v = v[np.isfinite(v) & (v > 0)]
+        if v.size:
+            sigma = math.sqrt(float(np.median(v)))
+    return TileStats(mean if subtract else 0.0, sigma if sigma > 0 else fb)
+
+
+class MeshBackground:
+    """Background mesh of one image on a global grid of ``cell``-pixel cells.
+
+    Cells are computed on first use from the image (through ``reader``) and
+    cached; the object belongs to one pipeline engine and is used from one
+    thread.
+
+    Parameters
+    ----------
+    reader : ImageReader
+    cell : int
+        Cell side in pixels.
+    saturation : float
+        Pixels at or above it are ignored.
+    subtract : bool
+        When False the background is 0 (the rms is still measured).
+    fallback_sigma : float
+        Noise of cells with no usable pixel.
+    """
+
+    def __init__(self, reader, *, cell: int, saturation: float = math.inf,
+                 subtract: bool = True, fallback_sigma: float = 1.0) -> None:
+        self.reader = reader
+        self.cell = int(cell)
+        self.saturation = float(saturation)
+        self.subtract = subtract
+        self.fallback_sigma = float(fallback_sigma)
+        ny, nx = reader.shape
+        self.n_cells = (-(-ny // self.cell), -(-nx // self.cell))
+        self._bkg = np.full(self.n_cells, np.nan)
+        self._rms = np.full(self.n_cells, np.nan)
+
+    def _compute(self, i: int, j: int) -> None:
+        ny, nx = self.reader.shape
+        b = self.cell
+        box = Box(i * b, min((i + 1) * b, ny), j * b, min((j + 1) * b, nx))
+        pix = self.reader.read(box)
+        self.reader.release(box)
+        step = max(1, int(math.sqrt(pix.size / 65536)))
+        mean, std, n = _clipped_stats(pix, 0, pix.shape[0], 0, pix.shape[1], step,
+                                      self.saturation, CLIP, 20)
+        if n == 0:  # nothing usable (all NaN/saturated): neutral values
+            mean, sig = np.nan, self.fallback_sigma
+        else:
+            sig = std / _TRUNC if std > 0 else self.fallback_sigma
+        self._bkg[i, j] = mean if self.subtract else 0.0
+        self._rms[i, j] = sig
+
+    def mesh(self, box: Box) -> tuple[np.ndarray, int, int, float]:
+        """Cell values needed to interpolate over ``box`` (image pixels).
+
+        Returns ``(values, i0, j0, sigma)``: background of cells ``i0..``,
+        ``j0..`` (cells without data take the median of the others) and the
+        median rms of the cells that overlap ``box``.
+        """
+        ny, nx = self.reader.shape
+        b = self.cell
+        clip = box.clip(ny, nx)
+        # the bilinear stencil reaches the next cell centre on either side
+        i0 = max(0, (clip.y0 - b // 2) // b)
+        i1 = min(self.n_cells[0], (clip.y1 - 1 + b // 2) // b + 1)
+        j0 = max(0, (clip.x0 - b // 2) // b)
+        j1 = min(self.n_cells[1], (clip.x1 - 1 + b // 2) // b + 1)
+        for i in range(i0, i1):
+            for j in range(j0, j1):
+                if np.isnan(self._rms[i, j]):
+                    self._compute(i, j)
+        vals = self._bkg[i0:i1, j0:j1].astype(np.float64)
+        bad = ~np.isfinite(vals)
+        if bad.all():
+            vals[:] = 0.0
+        elif bad.any():
+            vals[bad] = np.median(vals[~bad])
+        core = self._rms[clip.y0 // b:(clip.y1 - 1) // b + 1, clip.x0 // b:(clip.x1 - 1) // b + 1]
+        return vals, i0, j0, float(np.median(core))

@@ -1,0 +1,86 @@
+"""Transient candidates: peaks of S_corr, sub-pixel positions, the ECSV table."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table, vstack
+
+from . import _numba as nk
+from .fitsio import atomic_path
+
+__all__ = ["find_candidates", "candidate_table", "write_catalog", "CANDIDATE_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_COLUMNS = ("x", "y", "ra", "dec", "scorr", "flux", "flux_err", "sign",
+                     "x_peak", "y_peak", "mask", "tile")
+
+
+def _refine(v: np.ndarray, i: int, j: int) -> tuple[float, float]:
+    """Parabolic sub-pixel offset of an extremum at (i, j), clipped to +-0.5."""
+    def off(a, b, c):
+        den = a - 2.0 * b + c
+        return 0.0 if den == 0 else float(np.clip(0.5 * (a - c) / den, -0.5, 0.5))
+    return off(v[i - 1, j], v[i, j], v[i + 1, j]), off(v[i, j - 1], v[i, j], v[i, j + 1])
+
+
+def find_candidates(scorr, flux, flux_err, mask, *, border: int, threshold: float,
+                    radius: int, exclude: int, origin: tuple[int, int], tile: int = -1) -> Table:
+    """Local extrema of S_corr beyond ``threshold`` in the core of a tile.
+
+    The arrays cover the core grown by ``border`` pixels (so peaks on the
+    core edge are judged against their real neighbours and each extremum is
+    found in exactly one tile); ``origin`` is the image position of the
+    arrays' [0, 0].
+    """
+    ys, xs = nk._peaks(scorr, mask, border, float(threshold), int(radius), int(exclude))
+    rows = []
+    for i, j in zip(ys.tolist(), xs.tolist()):
+        dy, dx = _refine(scorr, i, j)
+        v = float(scorr[i, j])
+        rows.append((origin[1] + j + dx, origin[0] + i + dy, v, float(flux[i, j]),
+                     float(flux_err[i, j]), 1 if v > 0 else -1, origin[1] + j, origin[0] + i,
+                     int(mask[i, j]), tile))
+    names = ("x", "y", "scorr", "flux", "flux_err", "sign", "x_peak", "y_peak", "mask", "tile")
+    dtypes = ("f8", "f8", "f4", "f4", "f4", "i1", "i8", "i8", "i2", "i4")
+    return Table(rows=rows if rows else None, names=names, dtype=dtypes)
+
+
+def candidate_table(parts: list[Table], *, wcs=None) -> Table:
+    """Stack per-tile candidates, add ra/dec from ``wcs``, sort by |S_corr|."""
+    parts = [p for p in parts if len(p)]
+    if parts:
+        tab = vstack(parts, metadata_conflicts="silent")
+    else:
+        tab = find_candidates(np.zeros((3, 3), np.float32), np.zeros((3, 3), np.float32),
+                              np.zeros((3, 3), np.float32), np.zeros((3, 3), np.uint8),
+                              border=1, threshold=1.0, radius=1, exclude=0, origin=(0, 0))
+    ra = np.full(len(tab), np.nan)
+    dec = np.full(len(tab), np.nan)
+    if wcs is not None and len(tab):
+        ra, dec = wcs.all_pix2world(tab["x"], tab["y"], 0)
+    tab.add_column(np.asarray(ra, float), name="ra", index=2)
+    tab.add_column(np.asarray(dec, float), name="dec", index=3)
+    tab["ra"].unit = "deg"
+    tab["dec"].unit = "deg"
+    if len(tab):
+        tab = tab[np.argsort(-np.abs(tab["scorr"]), kind="stable")]
+    return tab
+
+
+def write_catalog(tab: Table, path, *, meta: dict | None = None) -> Path:
+    """Write ``tab`` as ECSV (or FITS by suffix) to a temporary name, then rename."""
+    path = Path(path)
+    tab.meta.update(meta or {})
+    tmp = atomic_path(path)
+    fmt = "fits" if path.suffix.lower() in (".fits", ".fit") else "ascii.ecsv"
+    try:
+        tab.write(tmp, format=fmt, overwrite=True)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

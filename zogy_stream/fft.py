@@ -1,0 +1,147 @@
+"""FFT plans and FFTW wisdom.
+
+:class:`RealFFT2` holds aligned work buffers for a batch of real 2-D planes
+and their half spectra, and pyFFTW plans for forward (real to complex) and
+inverse (complex to real) transforms of the first *k* planes.  Plans are made
+once, on the buffers themselves before any data is put there (FFTW's planner
+overwrites the arrays it plans on), and reused for every tile.
+
+:class:`Wisdom` loads accumulated FFTW wisdom from a cache file and saves it
+atomically, so a second run plans at once and concurrent writers can never
+leave a corrupt file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyfftw
+
+__all__ = ["RealFFT2", "Wisdom", "default_wisdom_path", "WISDOM_ENV"]
+
+log = logging.getLogger(__name__)
+
+WISDOM_ENV = "ZOGY_STREAM_WISDOM"
+_MAGIC = b"ZSWISDOM1\n"
+
+
+def default_wisdom_path() -> Path:
+    """``$ZOGY_STREAM_WISDOM``, else ``$XDG_CACHE_HOME/zogy_stream/fftw_wisdom``."""
+    env = os.environ.get(WISDOM_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "zogy_stream" / "fftw_wisdom"
+
+
+class Wisdom:
+    """FFTW wisdom cache file (``path=None`` disables caching).
+
+    Wisdom itself lives in the FFTW library of the process; this object only
+    moves it to and from disk.
+    """
+
+    def __init__(self, path: os.PathLike | str | None) -> None:
+        self.path = None if path is None else Path(path)
+        self.loaded = False
+
+    def load(self) -> bool:
+        """Import wisdom from the file; a missing or unreadable file is ignored."""
+        if self.path is None or not self.path.is_file():
+            return False
+        try:
+            blob = self.path.read_bytes()
+            if not blob.startswith(_MAGIC):
+                raise ValueError("bad magic")
+            parts, pos = [], len(_MAGIC)
+            for _ in range(3):
+                (n,) = struct.unpack_from("<Q", blob, pos)
+                pos += 8
+                parts.append(blob[pos:pos + n])
+                pos += n
+            pyfftw.import_wisdom(tuple(parts))
+            self.loaded = True
+        except (OSError, ValueError, struct.error) as exc:
+            log.warning("ignoring unreadable FFTW wisdom file %s (%s)", self.path, exc)
+            return False
+        log.debug("imported FFTW wisdom from %s", self.path)
+        return True
+
+    def save(self) -> bool:
+        """Write all wisdom of this process atomically (temporary file + rename)."""
+        if self.path is None:
+            return False
+        parts = pyfftw.export_wisdom()
+        blob = _MAGIC + b"".join(struct.pack("<Q", len(p)) + p for p in parts)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".wisdom.", dir=self.path.parent)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(blob)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("could not save FFTW wisdom to %s (%s)", self.path, exc)
+            return False
+        log.debug("saved FFTW wisdom to %s", self.path)
+        return True
+
+
+class RealFFT2:
+    """Batched real 2-D FFTs over preallocated, aligned buffers.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Plane shape (the padded tile).
+    n_forward, n_inverse : int
+        How many leading planes the forward and the inverse plan transform.
+    dtype : numpy dtype
+        ``float32`` (complex64 spectra) or ``float64``.
+    threads : int
+        FFTW threads.
+    effort : str
+        FFTW planner flag, e.g. ``"FFTW_MEASURE"`` or ``"FFTW_ESTIMATE"``.
+
+    Attributes
+    ----------
+    real : ndarray, shape (max(n_forward, n_inverse), ny, nx)
+    spec : ndarray, shape (max(...), ny, nx // 2 + 1)
+    plan_seconds : float
+        Time spent planning (near zero with warm wisdom).
+    """
+
+    def __init__(self, shape, *, n_forward: int, n_inverse: int, dtype=np.float32,
+                 threads: int = 1, effort: str = "FFTW_MEASURE") -> None:
+        dtype = np.dtype(dtype)
+        cdtype = np.result_type(dtype, np.complex64)
+        n = max(n_forward, n_inverse)
+        ny, nx = shape
+        self.shape = (ny, nx)
+        self.real = pyfftw.empty_aligned((n, ny, nx), dtype=dtype)
+        self.spec = pyfftw.empty_aligned((n, ny, nx // 2 + 1), dtype=cdtype)
+        flags = (effort, "FFTW_DESTROY_INPUT")
+        t0 = time.perf_counter()
+        self._fwd = pyfftw.FFTW(self.real[:n_forward], self.spec[:n_forward], axes=(-2, -1),
+                                direction="FFTW_FORWARD", flags=flags, threads=threads)
+        self._inv = pyfftw.FFTW(self.spec[:n_inverse], self.real[:n_inverse], axes=(-2, -1),
+                                direction="FFTW_BACKWARD", flags=flags, threads=threads)
+        self.plan_seconds = time.perf_counter() - t0
+        self.n_forward, self.n_inverse = n_forward, n_inverse
+
+    def forward(self) -> np.ndarray:
+        """Transform ``real[:n_forward]`` into ``spec[:n_forward]``."""
+        self._fwd()
+        return self.spec[: self.n_forward]
+
+    def inverse(self) -> np.ndarray:
+        """Unnormalised inverse of ``spec[:n_inverse]`` into ``real[:n_inverse]``.
+
+        The input spectra are destroyed; the 1/(ny nx) factor is the caller's.
+        """
+        self._inv(normalise_idft=False)
+        return self.real[: self.n_inverse]

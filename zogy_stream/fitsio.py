@@ -1,0 +1,447 @@
+"""FITS input and output for tile streaming.
+
+Reading
+    :class:`ImageReader` opens a 2-D image HDU once, fixes byte order and
+    BSCALE/BZERO/BLANK there, and hands out windows as native float32 arrays.
+    Uncompressed HDUs are read through a read-only memory map of the data
+    area; pages of finished tiles are released (``madvise``) so resident
+    memory stays set by the tile size, not the mosaic size.  Tile-compressed
+    HDUs (fpack/RICE) are read window by window through astropy's
+    ``.section`` and never decompressed whole.  Plain arrays are accepted too.
+
+Writing
+    :class:`OutputFile` creates a multi-extension FITS file of known layout
+    under a temporary name, pre-sized (sparse) on disk, maps it and lets tiles
+    be written in place; :meth:`OutputFile.commit` flushes and renames it to
+    its final name, :meth:`OutputFile.abort` removes it.  Nothing here knows
+    about ZOGY.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+
+from .errors import InputError
+from .tiles import Box
+
+__all__ = [
+    "ImageReader",
+    "OutputFile",
+    "Plane",
+    "parse_image_spec",
+    "read_image",
+    "atomic_path",
+    "wcs_cards",
+]
+
+log = logging.getLogger(__name__)
+
+_PAGE = mmap.PAGESIZE
+_BITPIX_DTYPE = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+_DTYPE_BITPIX = {np.dtype(np.uint8): 8, np.dtype(np.int16): 16, np.dtype(np.int32): 32,
+                 np.dtype(np.float32): -32, np.dtype(np.float64): -64}
+_SPEC_RE = re.compile(r"^(?P<path>.+?)\[(?P<ext>[^\[\]]+)\]$")
+
+
+def parse_image_spec(spec: str | os.PathLike) -> tuple[Path, int | str | None]:
+    """Split ``"file.fits[1]"`` or ``"file.fits[SCI]"`` into path and HDU.
+
+    A path that exists as written is taken literally (brackets included).
+    """
+    text = os.fspath(spec)
+    m = _SPEC_RE.match(text)
+    if m is None or Path(text).exists():
+        return Path(text), None
+    ext = m.group("ext").strip()
+    return Path(m.group("path")), int(ext) if ext.lstrip("-").isdigit() else ext.upper()
+
+
+def _select_hdu(hdul: fits.HDUList, ext: int | str | None, label: str):
+    if ext is not None:
+        try:
+            return hdul[ext]
+        except (KeyError, IndexError):
+            names = ", ".join(f"{i}:{h.name}" for i, h in enumerate(hdul))
+            raise InputError(f"{label}: no HDU {ext!r} (the file has {names})") from None
+    for hdu in hdul:
+        if hdu.is_image and hdu.header.get("NAXIS", 0) > 0:
+            return hdu
+    raise InputError(f"{label}: no image HDU with data; name one as file.fits[N]")
+
+
+class ImageReader:
+    """Windows of one 2-D image as native float32 arrays.
+
+    Parameters
+    ----------
+    source : str, path-like or numpy.ndarray
+        A FITS path, optionally with ``[ext]``, or a 2-D array.
+    label : str
+        Name used in error messages (e.g. ``"NEW"``, ``"--ref-var"``).
+
+    Raises
+    ------
+    InputError
+        The file is missing, unreadable, not FITS, or the HDU is not a 2-D image.
+    """
+
+    def __init__(self, source, *, label: str = "image") -> None:
+        self.label = label
+        self.header = fits.Header()
+        self.path: Path | None = None
+        self._mm: mmap.mmap | None = None
+        self._raw: np.ndarray | None = None
+        self._section = None
+        self._hdul = None
+        self._scale = (1.0, 0.0)
+        self._blank: int | None = None
+        self._data_offset = 0
+        if isinstance(source, np.ndarray) or hasattr(source, "__array__") and not isinstance(
+            source, (str, os.PathLike)
+        ):
+            arr = np.asarray(source)
+            self._check_ndim(arr.ndim, arr.shape)
+            self._raw = arr
+            self.shape = arr.shape
+            return
+        self._open_fits(source)
+
+    def _check_ndim(self, ndim: int, shape) -> None:
+        if ndim != 2:
+            raise InputError(f"{self.label}: not a 2-D image (shape {tuple(shape)})")
+        if min(shape) < 1:
+            raise InputError(f"{self.label}: empty image (shape {tuple(shape)})")
+
+    def _open_fits(self, source) -> None:
+        path, ext = parse_image_spec(source)
+        self.path = path
+        where = f"{self.label} '{os.fspath(source)}'"
+        if not path.is_file():
+            raise InputError(f"{where}: no such file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AstropyWarning)
+                hdul = fits.open(path, memmap=False, lazy_load_hdus=True,
+                                 do_not_scale_image_data=True)
+                hdu = _select_hdu(hdul, ext, where)
+                header = hdu.header.copy()
+        except InputError:
+            raise
+        except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+            raise InputError(f"{where}: not a readable FITS file ({exc})") from None
+        self.header = header
+        if isinstance(hdu, fits.CompImageHDU):
+            naxis = header.get("ZNAXIS", header.get("NAXIS", 0))
+            shape = tuple(int(header.get(f"ZNAXIS{i}", header.get(f"NAXIS{i}", 0)))
+                          for i in range(naxis, 0, -1))
+            self._check_ndim(len(shape), shape)
+            self.shape = shape
+            self._hdul = hdul
+            self._section = hdu.section
+            return
+        naxis = int(header.get("NAXIS", 0))
+        shape = tuple(int(header.get(f"NAXIS{i}", 0)) for i in range(naxis, 0, -1))
+        # Degenerate axes (NAXIS3 = 1) are accepted: the image is still 2-D.
+        shape2 = tuple(s for s in shape if s != 1) if len(shape) > 2 else shape
+        self._check_ndim(len(shape2), shape)
+        self.shape = shape2
+        bitpix = int(header["BITPIX"])
+        dtype = np.dtype(_BITPIX_DTYPE[bitpix])
+        self._scale = (float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0)))
+        if bitpix > 0 and "BLANK" in header:
+            self._blank = int(header["BLANK"])
+        offset = int(hdu.fileinfo()["datLoc"])
+        hdul.close()
+        nbytes = dtype.itemsize * shape2[0] * shape2[1]
+        if path.stat().st_size < offset + nbytes:
+            raise InputError(f"{where}: file is truncated ({path.stat().st_size} bytes, "
+                             f"header and data need {offset + nbytes})")
+        start = offset - offset % _PAGE
+        self._data_offset = offset - start
+        with open(path, "rb") as fh:
+            self._mm = mmap.mmap(fh.fileno(), self._data_offset + nbytes, offset=start,
+                                 access=mmap.ACCESS_READ)
+        self._raw = np.frombuffer(self._mm, dtype=dtype, count=shape2[0] * shape2[1],
+                                  offset=self._data_offset).reshape(shape2)
+
+    # ------------------------------------------------------------------ reading
+    def read(self, box: Box) -> np.ndarray:
+        """Return the pixels of ``box`` (inside the image) as native float32.
+
+        BSCALE/BZERO are applied and BLANK pixels become NaN.
+        """
+        if self._section is not None:
+            try:
+                raw = np.asarray(self._section[box.slices])
+            except Exception as exc:  # astropy raises assorted errors on corrupt tiles
+                raise InputError(f"{self.label}: cannot decompress rows {box.y0}-{box.y1} "
+                                 f"({exc})") from None
+            return np.asarray(raw, dtype=np.float32)
+        raw = self._raw[box.slices]
+        out = raw.astype(np.float32)  # native order, one copy
+        bscale, bzero = self._scale
+        if bscale != 1.0:
+            out *= np.float32(bscale)
+        if bzero != 0.0:
+            out += np.float32(bzero)
+        if self._blank is not None:
+            out[raw == self._blank] = np.nan
+        return out
+
+    def release(self, box: Box) -> None:
+        """Drop the mapped pages of rows ``box.y0:box.y1`` from this process."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        release_rows(self._mm, self._data_offset, self._raw.strides[0], box.y0, box.y1)
+
+    def sample(self, step: int) -> np.ndarray:
+        """Every ``step``-th pixel in both axes, float32 (for global statistics)."""
+        if self._section is not None:
+            ny, nx = self.shape
+            rows = [np.asarray(self._section[y:y + 1, :], dtype=np.float32)[0, ::step]
+                    for y in range(0, ny, step)]
+            return np.array(rows, dtype=np.float32)
+        out = self.read(Box(0, self.shape[0], 0, self.shape[1])) if self._mm is None else None
+        if out is not None:
+            return out[::step, ::step]
+        rows = []
+        ny, nx = self.shape
+        band = max(step, (1 << 22) // max(nx, 1) // step * step)
+        for y0 in range(0, ny, band):
+            box = Box(y0, min(y0 + band, ny), 0, nx)
+            rows.append(self.read(box)[::step, ::step])
+            self.release(box)
+        return np.concatenate(rows, axis=0)
+
+    def close(self) -> None:
+        self._raw = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a view still exists; the GC will unmap it
+                pass
+            self._mm = None
+        if self._hdul is not None:
+            self._hdul.close()
+            self._hdul = None
+
+    def __enter__(self) -> "ImageReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def release_rows(mm: mmap.mmap, data_offset: int, row_bytes: int, y0: int, y1: int) -> None:
+    """``madvise(DONTNEED)`` the pages spanning rows ``[y0, y1)`` of a mapped image."""
+    lo = data_offset + y0 * row_bytes
+    hi = data_offset + y1 * row_bytes
+    lo -= lo % _PAGE
+    hi = min(hi + (-hi) % _PAGE, len(mm))
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def read_image(source, *, label: str = "image") -> tuple[np.ndarray, fits.Header]:
+    """Read a whole (small) image, e.g. a PSF, as native float64 with its header."""
+    with ImageReader(source, label=label) as rd:
+        data = rd.read(Box(0, rd.shape[0], 0, rd.shape[1])).astype(np.float64)
+        return data, rd.header
+
+
+# ---------------------------------------------------------------------- writing
+_WCS_KEY = re.compile(
+    r"^(WCSAXES|CTYPE\d|CRPIX\d|CRVAL\d|CDELT\d|CUNIT\d|CROTA\d|CD\d_\d|PC\d_\d|PV\d_\d+|"
+    r"PS\d_\d+|LONPOLE|LATPOLE|RADESYS|RADECSYS|EQUINOX|EPOCH|MJD-OBS|DATE-OBS|MJDREF|"
+    r"[AB]P?_(ORDER|\d+_\d+)|[AB]P?_DMAX|WCSNAME)$"
+)
+
+
+def wcs_cards(header: fits.Header) -> fits.Header:
+    """The WCS keywords of ``header`` copied verbatim (TAN, TPV, SIP...)."""
+    out = fits.Header()
+    for card in header.cards:
+        if _WCS_KEY.match(card.keyword):
+            out.append(card)
+    return out
+
+
+@dataclass(frozen=True)
+class Plane:
+    """One image extension of an :class:`OutputFile`."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, int]
+    header: fits.Header | None = None
+    data: np.ndarray | None = None  # small planes (a PSF) written at creation
+
+
+def atomic_path(final: Path) -> Path:
+    """A unique temporary name beside ``final`` (same directory, so rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _image_header(plane: Plane) -> fits.Header:
+    h = fits.Header()
+    h["XTENSION"] = ("IMAGE", "image extension")
+    h["BITPIX"] = _DTYPE_BITPIX[np.dtype(plane.dtype)]
+    h["NAXIS"] = 2
+    h["NAXIS1"] = plane.shape[1]
+    h["NAXIS2"] = plane.shape[0]
+    h["PCOUNT"] = 0
+    h["GCOUNT"] = 1
+    h["EXTNAME"] = plane.name
+    if plane.header is not None:
+        for card in plane.header.cards:
+            if card.keyword not in h and card.keyword not in ("", "END"):
+                h.append(card)
+    return h
+
+
+class OutputFile:
+    """A pre-sized multi-extension FITS file written tile by tile in place.
+
+    Parameters
+    ----------
+    path : path-like
+        Final name. The file is built as a hidden temporary beside it and only
+        renamed to ``path`` by :meth:`commit`.
+    planes : iterable of Plane
+        The image extensions, in order.
+    primary_header : astropy.io.fits.Header, optional
+        Extra cards for the (data-less) primary HDU.
+
+    Raises
+    ------
+    InputError
+        The output directory does not exist or is not writable.
+    """
+
+    def __init__(self, path, planes: Iterable[Plane], *, primary_header=None) -> None:
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise InputError(f"output '{self.path}': directory '{self.path.parent}' does not exist")
+        try:
+            self.tmp = atomic_path(self.path)
+        except OSError as exc:
+            raise InputError(f"output '{self.path}': cannot write there ({exc.strerror})") from None
+        self.planes = list(planes)
+        self._views: dict[str, np.ndarray] = {}
+        self._offsets: dict[str, int] = {}
+        self._mm = None
+        try:
+            self._create(primary_header)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create(self, primary_header) -> None:
+        prim = fits.Header()
+        prim["SIMPLE"] = True
+        prim["BITPIX"] = 8
+        prim["NAXIS"] = 0
+        prim["EXTEND"] = True
+        if primary_header is not None:
+            for card in primary_header.cards:
+                if card.keyword not in prim:
+                    prim.append(card)
+        chunks: list[tuple[int, bytes]] = []
+        pos = 0
+        blob = prim.tostring().encode("ascii")
+        chunks.append((pos, blob))
+        pos += len(blob)
+        for plane in self.planes:
+            blob = _image_header(plane).tostring().encode("ascii")
+            chunks.append((pos, blob))
+            pos += len(blob)
+            self._offsets[plane.name] = pos
+            nbytes = np.dtype(plane.dtype).itemsize * plane.shape[0] * plane.shape[1]
+            if plane.data is not None:
+                data = np.ascontiguousarray(plane.data, dtype=np.dtype(plane.dtype).newbyteorder(">"))
+                chunks.append((pos, data.tobytes()))
+            pos += nbytes + (-nbytes) % 2880
+        try:
+            with open(self.tmp, "r+b") as fh:
+                fh.truncate(pos)  # sparse: data areas read back as zeros until written
+                for at, blob in chunks:
+                    fh.seek(at)
+                    fh.write(blob)
+                self._mm = mmap.mmap(fh.fileno(), pos, access=mmap.ACCESS_WRITE)
+        except OSError as exc:
+            raise InputError(f"output '{self.path}': cannot write ({exc.strerror})") from None
+        for plane in self.planes:
+            be = np.dtype(plane.dtype).newbyteorder(">")
+            n = plane.shape[0] * plane.shape[1]
+            self._views[plane.name] = np.frombuffer(
+                self._mm, dtype=be, count=n, offset=self._offsets[plane.name]
+            ).reshape(plane.shape)
+
+    def write(self, name: str, box: Box, data: np.ndarray) -> None:
+        """Write ``data`` into plane ``name`` at ``box`` (byte-swapped on the fly)."""
+        self._views[name][box.slices] = data
+
+    def release(self, box: Box) -> None:
+        """Drop the mapped pages of rows ``box.y0:box.y1`` (data stays in the page cache)."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for plane in self.planes:
+            if plane.data is None:
+                v = self._views[plane.name]
+                release_rows(self._mm, self._offsets[plane.name], v.strides[0], box.y0, box.y1)
+
+    def commit(self, *, durable: bool = False) -> Path:
+        """Flush and atomically rename to the final path; return it."""
+        self._views.clear()
+        if self._mm is not None:
+            if durable:
+                self._mm.flush()
+            self._mm.close()
+            self._mm = None
+        if durable:
+            with open(self.tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temporary file (idempotent)."""
+        self._views.clear()
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
+            self._mm = None
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "OutputFile":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def header_from_mapping(values: Mapping[str, object]) -> fits.Header:
+    """A header from ``{KEY: value}`` or ``{KEY: (value, comment)}``."""
+    h = fits.Header()
+    for key, val in values.items():
+        h[key] = val
+    return h

@@ -1,0 +1,140 @@
+"""Options, normalised once at the entry point into a frozen dataclass."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = ["Options", "default_threads"]
+
+_EFFORTS = {"estimate": "FFTW_ESTIMATE", "measure": "FFTW_MEASURE", "patient": "FFTW_PATIENT"}
+
+
+def default_threads() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Processing options of :func:`zogy_stream.stream` / :func:`zogy_stream.subtract`.
+
+    Attributes
+    ----------
+    flux_ratio : float
+        F_n / F_r (F_r = 1): FLUX is in the reference image's units.
+    astrometric_sigma : (float, float)
+        Registration noise (sigma_x, sigma_y) in pixels for V_ast.
+    tile : int
+        Side of the square tile core in pixels.
+    overlap : int or None
+        Overlap margin per side; ``None`` derives it from the ZOGY kernels.
+    threads : int
+        Threads for FFTW and Numba.
+    image_space : bool
+        Direct convolutions with trimmed real-space kernels instead of FFTs.
+    wisdom : Path, None or False
+        FFTW wisdom file; ``None`` = default cache path, ``False`` = no cache.
+    background : bool
+        Subtract the background (sigma-clipped, on a global mesh).
+    bkg_mesh : int
+        Background mesh cell in pixels (cells are aligned to the image, so
+        the background does not depend on the tiling).
+    threshold : float
+        |S_corr| detection threshold for candidates.
+    new_saturation, ref_saturation : float or None
+        Saturation level (default: the SATURATE keyword, else none).
+    new_gain, ref_gain : float or None
+        Gain in e-/ADU for the Poisson variance term (default: GAIN keyword).
+    fft_effort : str
+        FFTW planner: ``estimate``, ``measure`` or ``patient``.
+    prefetch : int
+        Tiles read ahead in a background thread.
+    seed : int
+        Seed of the noise that fills masked and off-image pixels.
+    durable : bool
+        fsync outputs before renaming them into place.
+    """
+
+    flux_ratio: float = 1.0
+    astrometric_sigma: tuple[float, float] = (0.0, 0.0)
+    tile: int = 1024
+    overlap: int | None = None
+    threads: int = 0
+    image_space: bool = False
+    wisdom: Path | None | bool = None
+    background: bool = True
+    bkg_mesh: int = 256
+    threshold: float = 5.0
+    new_saturation: float | None = None
+    ref_saturation: float | None = None
+    new_gain: float | None = None
+    ref_gain: float | None = None
+    fft_effort: str = "measure"
+    prefetch: int = 2
+    seed: int = 0
+    durable: bool = False
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "Options":
+        """Validate and normalise keyword options.
+
+        Raises
+        ------
+        ConfigError
+            Unknown option or a value out of range (the message names it).
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
+        kw = {k: v for k, v in kwargs.items() if v is not None or k in ("overlap", "wisdom")}
+        o = cls(**kw)
+        try:
+            sig = tuple(float(v) for v in o.astrometric_sigma)
+        except (TypeError, ValueError):
+            raise ConfigError("astrometric_sigma must be two numbers (sigma_x, sigma_y)") from None
+        if len(sig) != 2 or min(sig) < 0:
+            raise ConfigError(f"astrometric_sigma must be two values >= 0, got {o.astrometric_sigma}")
+        if not float(o.flux_ratio) > 0:
+            raise ConfigError(f"flux_ratio must be > 0, got {o.flux_ratio}")
+        if int(o.tile) < 32:
+            raise ConfigError(f"tile must be >= 32 pixels, got {o.tile}")
+        if o.overlap is not None and int(o.overlap) < 2:
+            raise ConfigError(f"overlap must be >= 2 pixels, got {o.overlap}")
+        if int(o.threads) < 0:
+            raise ConfigError(f"threads must be >= 1 (0 = all CPUs), got {o.threads}")
+        if int(o.bkg_mesh) < 16:
+            raise ConfigError(f"bkg_mesh must be >= 16 pixels, got {o.bkg_mesh}")
+        if not float(o.threshold) > 0:
+            raise ConfigError(f"threshold must be > 0, got {o.threshold}")
+        for name in ("new_gain", "ref_gain", "new_saturation", "ref_saturation"):
+            v = getattr(o, name)
+            if v is not None and not float(v) > 0:
+                raise ConfigError(f"{name} must be > 0, got {v}")
+        effort = str(o.fft_effort).lower().removeprefix("fftw_")
+        if effort not in _EFFORTS:
+            raise ConfigError(f"fft_effort must be one of {', '.join(_EFFORTS)}, got {o.fft_effort}")
+        if int(o.prefetch) < 0:
+            raise ConfigError(f"prefetch must be >= 0, got {o.prefetch}")
+        wisdom = o.wisdom
+        if wisdom is not None and wisdom is not False:
+            wisdom = Path(wisdom)
+        return cls(
+            flux_ratio=float(o.flux_ratio), astrometric_sigma=sig, tile=int(o.tile),
+            overlap=None if o.overlap is None else int(o.overlap),
+            threads=int(o.threads) or default_threads(), image_space=bool(o.image_space),
+            wisdom=wisdom, background=bool(o.background), bkg_mesh=int(o.bkg_mesh),
+            threshold=float(o.threshold),
+            new_saturation=None if o.new_saturation is None else float(o.new_saturation),
+            ref_saturation=None if o.ref_saturation is None else float(o.ref_saturation),
+            new_gain=None if o.new_gain is None else float(o.new_gain),
+            ref_gain=None if o.ref_gain is None else float(o.ref_gain),
+            fft_effort=_EFFORTS[effort], prefetch=int(o.prefetch), seed=int(o.seed),
+            durable=bool(o.durable),
+        )

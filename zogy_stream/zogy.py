@@ -1,0 +1,473 @@
+"""The ZOGY mathematics on one (padded) tile.
+
+Equation numbers refer to Zackay, Ofek & Gal-Yam (2016, ApJ 830, 27).  With
+``^`` the unnormalised 2-D DFT, F_r = 1 and F_n = ``flux_ratio``:
+
+    Delta = sigma_n^2 F_r^2 |P_r^|^2 + sigma_r^2 F_n^2 |P_n^|^2
+    D^    = (F_r P_r^ N^ - F_n P_n^ R^) / sqrt(Delta)                 (13)
+    F_D   = F_r F_n / sqrt(sigma_n^2 F_r^2 + sigma_r^2 F_n^2)          (15)
+    P_D^  = F_r F_n P_r^ P_n^ / (F_D sqrt(Delta))                     (14)
+    k_n^  = F_n F_r^2 conj(P_n^) |P_r^|^2 / Delta                     (29)
+    k_r^  = F_r F_n^2 conj(P_r^) |P_n^|^2 / Delta                     (28)
+    S     = k_n (x) N - k_r (x) R = S_N - S_R                         (12, 31, 33)
+    V(S_N) = V_n (x) k_n^2,  V(S_R) = V_r (x) k_r^2                    (26, 27)
+    V_ast = sigma_x^2 (dS_N/dx)^2 + sigma_y^2 (dS_N/dy)^2 + same for S_R (30, 32)
+    S_corr = S / sqrt(V(S_N) + V(S_R) + V_ast)                        (25)
+    F_S   = (1/N_pix) sum F_n^2 F_r^2 |P_n^|^2 |P_r^|^2 / Delta        (42)
+    FLUX  = S / F_S,  FLUX_ERR = sqrt(V(S_N) + V(S_R)) / F_S           (41)
+
+(The notes' k_r/k_n labels follow S = k_n (x) N - k_r (x) R: k_n carries
+conj(P_n^) |P_r^|^2.)  FLUX is in the reference image's units.
+
+Kernels depend only on the PSFs, the noise levels and the flux ratio; they
+are built once in float64 (:func:`make_kernels`), cast to the working
+precision and reused for every tile that shares them.  Nothing here reads
+files.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _numba as nk
+from .errors import InputError
+from .fft import RealFFT2
+from .psf import normalise_psf, psf_to_origin
+
+__all__ = [
+    "KernelSet",
+    "PsfSpectra",
+    "make_kernels",
+    "kernel_radius",
+    "snap_sigma",
+    "KernelCache",
+    "TileSubtractor",
+    "ZogyResult",
+    "zogy",
+    "robust_sigma",
+]
+
+log = logging.getLogger(__name__)
+
+#: relative guard on Delta where both PSF transforms underflow.  The kernel
+#: ratios are bounded (e.g. |kd_n| <= 1/sigma_n), so only a true 0/0 needs
+#: catching; a larger floor would cut the spectrum and make the kernels ring.
+_DELTA_FLOOR = 1e-250
+#: relative step of the grid noise levels are snapped to before building kernels
+SIGMA_STEP = 0.02
+
+
+@dataclass(frozen=True, eq=False)
+class PsfSpectra:
+    """Transforms of a PSF pair on one padded shape (centre at the origin)."""
+
+    shape: tuple[int, int]
+    psf_n: np.ndarray
+    psf_r: np.ndarray
+    pn: np.ndarray = field(repr=False)
+    pr: np.ndarray = field(repr=False)
+
+    @classmethod
+    def from_psfs(cls, psf_n, psf_r, shape) -> "PsfSpectra":
+        psf_n = normalise_psf(psf_n, label="new PSF")
+        psf_r = normalise_psf(psf_r, label="reference PSF")
+        shape = (int(shape[0]), int(shape[1]))
+        return cls(shape, psf_n, psf_r,
+                   np.fft.rfft2(psf_to_origin(psf_n, shape)),
+                   np.fft.rfft2(psf_to_origin(psf_r, shape)))
+
+
+@dataclass(frozen=True, eq=False)
+class KernelSet:
+    """Fourier-space ZOGY kernels for one (PSF pair, sigma_n, sigma_r, F_n).
+
+    The six half-spectra are pre-multiplied by 1/(ny nx), so an unnormalised
+    inverse FFT of their products with image spectra gives the convolution.
+    """
+
+    shape: tuple[int, int]
+    sigma_n: float
+    sigma_r: float
+    flux_ratio: float
+    kd_n: np.ndarray = field(repr=False)   # F_r P_r^ / sqrt(Delta)      (13)
+    kd_r: np.ndarray = field(repr=False)   # F_n P_n^ / sqrt(Delta)      (13)
+    k_n: np.ndarray = field(repr=False)    # (29)
+    k_r: np.ndarray = field(repr=False)    # (28)
+    k_n2: np.ndarray = field(repr=False)   # (k_n^2)^, real-space square (26)
+    k_r2: np.ndarray = field(repr=False)   # (k_r^2)^                     (27)
+    f_d: float = 0.0                       # (15)
+    f_s: float = 0.0                       # (42)
+    energy_n: float = 0.0                  # sum k_n^2 (real space)
+    energy_r: float = 0.0                  # sum k_r^2
+    psf_d: np.ndarray = field(default=None, repr=False)  # (14), centred
+
+    def real_space(self, name: str, radius: int) -> np.ndarray:
+        """Real-space kernel ``name`` cropped to ``(2 radius + 1)^2``, centred."""
+        spec = getattr(self, name).astype(np.complex128)
+        full = np.fft.irfft2(spec, s=self.shape, norm="forward")
+        return _crop_centred(full, radius)
+
+
+def _crop_centred(arr: np.ndarray, radius: int) -> np.ndarray:
+    """Crop an origin-centred periodic array to an odd centred stamp."""
+    idx_y = np.arange(-radius, radius + 1) % arr.shape[0]
+    idx_x = np.arange(-radius, radius + 1) % arr.shape[1]
+    return arr[np.ix_(idx_y, idx_x)]
+
+
+def snap_sigma(sigma: float, step: float = SIGMA_STEP) -> float:
+    """Snap a noise level to a geometric grid of relative ``step``.
+
+    Tiles whose measured noise differs by less than the step share one kernel
+    set (and one set of PSF-only transforms); the kernels' optimality is
+    insensitive at that level, D's normalisation moves by at most step/2, and
+    S_corr and FLUX_ERR are normalised by the actual variance regardless.
+    """
+    if not sigma > 0 or not math.isfinite(sigma):
+        raise InputError(f"noise level must be positive and finite, got {sigma!r}")
+    k = round(math.log(sigma) / math.log1p(step))
+    return float(math.exp(k * math.log1p(step)))
+
+
+def make_kernels(spectra: PsfSpectra, *, sigma_n: float, sigma_r: float,
+                 flux_ratio: float = 1.0, dtype=np.float32, psf_d_radius: int | None = None
+                 ) -> KernelSet:
+    """Build the ZOGY kernels in float64 and cast them to ``dtype``'s complex type.
+
+    Raises
+    ------
+    InputError
+        Non-positive noise levels or flux ratio.
+    """
+    if not (sigma_n > 0 and sigma_r > 0):
+        raise InputError(f"noise levels must be positive (sigma_new={sigma_n}, sigma_ref={sigma_r})")
+    if not flux_ratio > 0:
+        raise InputError(f"flux_ratio must be positive, got {flux_ratio}")
+    ny, nx = spectra.shape
+    fn, fr = float(flux_ratio), 1.0
+    pn, pr = spectra.pn, spectra.pr
+    an2 = pn.real ** 2 + pn.imag ** 2
+    ar2 = pr.real ** 2 + pr.imag ** 2
+    delta = sigma_n ** 2 * fr ** 2 * ar2 + sigma_r ** 2 * fn ** 2 * an2
+    # Guard: where both transforms vanish Delta underflows; kernels are 0 there.
+    ok = delta > _DELTA_FLOOR * delta.max()
+    inv_delta = np.where(ok, 1.0 / np.where(ok, delta, 1.0), 0.0)
+    inv_sqrt = np.sqrt(inv_delta)
+    kd_n = fr * pr * inv_sqrt                                   # (13)
+    kd_r = fn * pn * inv_sqrt                                   # (13)
+    k_n = fn * fr ** 2 * np.conj(pn) * ar2 * inv_delta          # (29)
+    k_r = fr * fn ** 2 * np.conj(pr) * an2 * inv_delta          # (28)
+    f_d = fr * fn / math.sqrt(sigma_n ** 2 * fr ** 2 + sigma_r ** 2 * fn ** 2)   # (15)
+    # F_S (42) as the response of S to a unit point source in N: exact on the
+    # half spectrum (no Hermitian bookkeeping).
+    f_s = float(np.fft.irfft2(k_n * fn * pn, s=(ny, nx))[0, 0])
+    kn_real = np.fft.irfft2(k_n, s=(ny, nx))
+    kr_real = np.fft.irfft2(k_r, s=(ny, nx))
+    k_n2 = np.fft.rfft2(kn_real ** 2)                           # (26)
+    k_r2 = np.fft.rfft2(kr_real ** 2)                           # (27)
+    pd_hat = fr * fn * pr * pn * inv_sqrt / f_d                 # (14)
+    radius = psf_d_radius or max(spectra.psf_n.shape + spectra.psf_r.shape) // 2
+    psf_d = _crop_centred(np.fft.irfft2(pd_hat, s=(ny, nx)), min(radius, min(ny, nx) // 2 - 1))
+    cdtype = np.result_type(np.dtype(dtype), np.complex64)
+    scale = 1.0 / (ny * nx)
+    cast = lambda a: np.ascontiguousarray(a * scale, dtype=cdtype)  # noqa: E731
+    return KernelSet(
+        shape=(ny, nx), sigma_n=float(sigma_n), sigma_r=float(sigma_r), flux_ratio=fn,
+        kd_n=cast(kd_n), kd_r=cast(kd_r), k_n=cast(k_n), k_r=cast(k_r),
+        k_n2=cast(k_n2), k_r2=cast(k_r2), f_d=f_d, f_s=f_s,
+        energy_n=float((kn_real ** 2).sum()), energy_r=float((kr_real ** 2).sum()),
+        psf_d=psf_d,
+    )
+
+
+def _support_radius(kernel: np.ndarray, tol: float) -> int:
+    """Smallest r such that the energy outside the centred (2r+1)^2 box is <= tol.
+
+    ``kernel`` is a centred odd stamp (as from :meth:`KernelSet.real_space`).
+    """
+    ny, nx = kernel.shape
+    e = kernel ** 2
+    cy, cx = ny // 2, nx // 2
+    yy, xx = np.indices(e.shape)
+    cheb = np.maximum(np.abs(yy - cy), np.abs(xx - cx)).ravel()
+    per_r = np.bincount(cheb, weights=e.ravel())
+    outside = e.sum() - np.cumsum(per_r)
+    hits = np.nonzero(outside <= tol * e.sum())[0]
+    return int(hits[0]) if hits.size else int(min(cy, cx))
+
+
+def kernel_radius(psf_n, psf_r, *, sigma_n: float, sigma_r: float, flux_ratio: float = 1.0,
+                  tol: float = 1e-6, max_radius: int = 256) -> int:
+    """Support radius of the real-space ZOGY kernels (D and S) for a PSF pair.
+
+    The radius holds all but a fraction ``tol`` of each kernel's energy; it
+    sets the tile overlap and the image-space kernel size.
+    """
+    size = max(psf_n.shape + psf_r.shape)
+    n = 64
+    while True:
+        n = max(n, 4 * size)
+        spectra = PsfSpectra.from_psfs(psf_n, psf_r, (n, n))
+        ks = make_kernels(spectra, sigma_n=sigma_n, sigma_r=sigma_r, flux_ratio=flux_ratio,
+                          dtype=np.float64)
+        r = max(_support_radius(ks.real_space(name, n // 2 - 1), tol)
+                for name in ("kd_n", "kd_r", "k_n", "k_r"))
+        if r < n // 4 or n >= 2 * max_radius:
+            break
+        n *= 2
+    if r >= max_radius:
+        log.warning("ZOGY kernels are very extended (radius %d px); capping the overlap at %d",
+                    r, max_radius)
+        r = max_radius
+    return int(max(r, size // 2))
+
+
+class KernelCache:
+    """Small LRU of kernel sets for one padded shape (owned by a pipeline).
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Padded tile shape.
+    dtype : numpy dtype
+        Working precision.
+    maxsize : int
+        Kernel sets kept (each holds six half-spectra).
+    """
+
+    def __init__(self, shape, *, dtype=np.float32, maxsize: int = 3) -> None:
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.maxsize = maxsize
+        self._spectra: OrderedDict = OrderedDict()
+        self._kernels: OrderedDict = OrderedDict()
+        self.builds = 0
+
+    def get(self, psf_key, psf_n, psf_r, *, sigma_n: float, sigma_r: float,
+            flux_ratio: float) -> KernelSet:
+        """Kernels for snapped noise levels, built on first use."""
+        sn, sr = snap_sigma(sigma_n), snap_sigma(sigma_r)
+        key = (psf_key, sn, sr, float(flux_ratio))
+        ks = self._kernels.get(key)
+        if ks is not None:
+            self._kernels.move_to_end(key)
+            return ks
+        spectra = self._spectra.get(psf_key)
+        if spectra is None:
+            spectra = PsfSpectra.from_psfs(psf_n, psf_r, self.shape)
+            self._spectra[psf_key] = spectra
+            if len(self._spectra) > self.maxsize:
+                self._spectra.popitem(last=False)
+        ks = make_kernels(spectra, sigma_n=sn, sigma_r=sr, flux_ratio=flux_ratio, dtype=self.dtype)
+        self.builds += 1
+        self._kernels[key] = ks
+        if len(self._kernels) > self.maxsize:
+            self._kernels.popitem(last=False)
+        return ks
+
+
+class TileSubtractor:
+    """ZOGY on padded tiles of one shape, with reusable buffers and FFT plans.
+
+    Fill :attr:`inputs` (planes: new, ref, then V_n, V_r when ``has_var``),
+    then call :meth:`run`.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Padded tile shape.
+    has_var : bool
+        Variance planes are given (else the variance is the constant
+        sigma^2 of each image).
+    split : bool
+        Keep S_N and S_R apart (needed when the astrometric sigma is > 0).
+    image_space : bool
+        Direct convolutions with real-space kernels of ``radius`` instead of FFTs.
+    radius : int
+        Kernel radius for the image-space path.
+    dtype, threads, effort :
+        Working precision, threads, FFTW planner effort.
+    """
+
+    def __init__(self, shape, *, has_var: bool, split: bool, image_space: bool = False,
+                 radius: int = 0, dtype=np.float32, threads: int = 1,
+                 effort: str = "FFTW_MEASURE") -> None:
+        self.shape = tuple(shape)
+        self.has_var, self.split, self.image_space = bool(has_var), bool(split), bool(image_space)
+        self.dtype = np.dtype(dtype)
+        self.radius = int(radius)
+        n_in = 4 if has_var else 2
+        n_out = 2 + int(split) + int(has_var)
+        self.fft = RealFFT2(self.shape, n_forward=n_in, n_inverse=n_out, dtype=self.dtype,
+                            threads=threads, effort=effort)
+        self.inputs = self.fft.real
+        self._out = (np.empty((n_out,) + self.shape, dtype=self.dtype) if image_space else None)
+        self._rk: tuple | None = None
+
+    def _image_kernels(self, ks: KernelSet):
+        if self._rk is None or self._rk[0] is not ks:
+            r = self.radius
+            dt = self.dtype
+            self._rk = (ks,) + tuple(ks.real_space(n, r).astype(dt)
+                                     for n in ("kd_n", "kd_r", "k_n", "k_r", "k_n2", "k_r2"))
+        return self._rk[1:]
+
+    def run(self, ks: KernelSet, region, *, astrometric_sigma=(0.0, 0.0),
+            var_const: float = 0.0) -> dict[str, np.ndarray]:
+        """Subtract the filled tile; return D, S, SCORR, FLUX, FLUX_ERR on ``region``.
+
+        ``region`` is a :class:`~zogy_stream.tiles.Box` in padded-tile pixels.
+        """
+        if ks.shape != self.shape:
+            raise ValueError(f"kernel shape {ks.shape} != tile shape {self.shape}")
+        sx, sy = astrometric_sigma
+        y0, y1, x0, x1 = region.y0, region.y1, region.x0, region.x1
+        if self.image_space:
+            planes = self._out
+            kdn, kdr, kn, kr, kn2, kr2 = self._image_kernels(ks)
+            g = (y0 - 1, y1 + 1, x0 - 1, x1 + 1)  # gradients need one more pixel
+            r = self.radius
+            if g[0] - r < 0 or g[2] - r < 0 or g[1] + r > self.shape[0] or g[3] + r > self.shape[1]:
+                raise ValueError("image-space kernel footprint leaves the padded tile")
+            src = self.inputs
+            nk._convolve_pair(src[0], kdn, src[1], kdr, -1.0, *g, planes[0])
+            if self.split:
+                nk._convolve_pair(src[0], kn, src[1], kr, 0.0, *g, planes[1])
+                nk._convolve_pair(src[1], kr, src[0], kn, 0.0, *g, planes[2])
+            else:
+                nk._convolve_pair(src[0], kn, src[1], kr, -1.0, *g, planes[1])
+            if self.has_var:
+                nk._convolve_pair(src[2], kn2, src[3], kr2, 1.0, *g, planes[-1])
+        else:
+            spec = self.fft.forward()
+            nk._combine(self.fft.spec, ks.kd_n, ks.kd_r, ks.k_n, ks.k_r, ks.k_n2, ks.k_r2,
+                        self.has_var, self.split)
+            planes = self.fft.inverse()
+            del spec
+        shape = (y1 - y0, x1 - x0)
+        out = {k: np.empty(shape, dtype=self.dtype) for k in ("d", "s", "scorr", "flux", "flux_err")}
+        nk._finish(planes, y0, y1, x0, x1, self.split, self.has_var, float(var_const),
+                   float(sx) ** 2, float(sy) ** 2, 1.0 / ks.f_s,
+                   out["d"], out["s"], out["scorr"], out["flux"], out["flux_err"])
+        return out
+
+
+def robust_sigma(image: np.ndarray, *, max_samples: int = 65536) -> float:
+    """Background noise of ``image``: clipped std of a subsample, truncation-corrected."""
+    from .background import tile_stats
+
+    return tile_stats(np.asarray(image), subtract=False).sigma
+
+
+@dataclass(frozen=True)
+class ZogyResult:
+    """Products of :func:`zogy` (arrays of the input shape).
+
+    Attributes
+    ----------
+    d : proper difference image, unit variance on blank sky (eq. 13)
+    psf_d : PSF of D, centred, unit sum (eq. 14)
+    s : score image (eq. 12)
+    scorr : corrected score (eq. 25)
+    flux, flux_err : PSF-photometry flux and its error (eq. 41), reference units
+    f_d, f_s : flux zero point of D (eq. 15) and F_S (eq. 42)
+    sigma_new, sigma_ref : background noise levels used
+    """
+
+    d: np.ndarray
+    psf_d: np.ndarray
+    s: np.ndarray
+    scorr: np.ndarray
+    flux: np.ndarray
+    flux_err: np.ndarray
+    f_d: float
+    f_s: float
+    sigma_new: float
+    sigma_ref: float
+
+
+def zogy(new, ref, new_psf, ref_psf, *, new_var=None, ref_var=None, flux_ratio: float = 1.0,
+         astrometric_sigma=(0.0, 0.0), sigma_new: float | None = None,
+         sigma_ref: float | None = None, dtype=np.float64, threads: int = 1) -> ZogyResult:
+    """ZOGY proper subtraction of one background-subtracted image pair.
+
+    The arrays are treated as one periodic tile (the FFT's convention): pad
+    them yourself, or use :func:`zogy_stream.stream` for mosaics, which
+    handles borders, masks, background and tiling.
+
+    Parameters
+    ----------
+    new, ref : 2-D arrays
+        Background-subtracted new and reference images on the same grid.
+    new_psf, ref_psf : 2-D arrays
+        PSFs (any sum; normalised here), centre pixel at ``(n // 2, n // 2)``.
+    new_var, ref_var : 2-D arrays, optional
+        Per-pixel variances; default ``sigma**2`` everywhere.
+    flux_ratio : float
+        F_n / F_r with F_r = 1.
+    astrometric_sigma : (float, float)
+        Registration noise (sigma_x, sigma_y) in pixels (eqs. 30-33).
+    sigma_new, sigma_ref : float, optional
+        Background noise; default sqrt(median variance) when a variance map
+        is given, else a sigma-clipped standard deviation of the image.
+    dtype : float32 or float64
+        Working precision.
+    threads : int
+        FFT and Numba threads.
+
+    Returns
+    -------
+    ZogyResult
+
+    Raises
+    ------
+    InputError
+        Shapes differ, PSFs are invalid or do not fit, or noise levels are not positive.
+    """
+    new = np.asarray(new)
+    ref = np.asarray(ref)
+    if new.ndim != 2 or new.shape != ref.shape:
+        raise InputError(f"new and ref must be 2-D arrays of one shape ({new.shape} vs {ref.shape})")
+    for name, v in (("new_var", new_var), ("ref_var", ref_var)):
+        if v is not None and np.shape(v) != new.shape:
+            raise InputError(f"{name} has shape {np.shape(v)}, the images {new.shape}")
+    for name, a in (("new", new), ("ref", ref), ("new_var", new_var), ("ref_var", ref_var)):
+        if a is not None and not np.all(np.isfinite(a)):
+            raise InputError(f"{name} contains NaN or Inf; mask and fill them, or use stream()")
+    if sigma_new is None:
+        sigma_new = math.sqrt(float(np.median(new_var))) if new_var is not None else robust_sigma(new)
+    if sigma_ref is None:
+        sigma_ref = math.sqrt(float(np.median(ref_var))) if ref_var is not None else robust_sigma(ref)
+    has_var = new_var is not None or ref_var is not None
+    sx, sy = (float(v) for v in astrometric_sigma)
+    split = sx > 0 or sy > 0
+    import numba
+
+    old_threads = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        sub = TileSubtractor(new.shape, has_var=has_var, split=split, dtype=dtype,
+                             threads=threads, effort="FFTW_ESTIMATE")
+        ks = make_kernels(PsfSpectra.from_psfs(new_psf, ref_psf, new.shape), sigma_n=sigma_new,
+                          sigma_r=sigma_ref, flux_ratio=flux_ratio, dtype=dtype)
+        sub.inputs[0] = new
+        sub.inputs[1] = ref
+        if has_var:
+            sub.inputs[2] = sigma_new ** 2 if new_var is None else new_var
+            sub.inputs[3] = sigma_ref ** 2 if ref_var is None else ref_var
+            if np.any(sub.inputs[2:4] <= 0):
+                raise InputError("variance maps must be positive")
+        var_const = sigma_new ** 2 * ks.energy_n + sigma_ref ** 2 * ks.energy_r
+        from .tiles import Box
+
+        out = sub.run(ks, Box(0, new.shape[0], 0, new.shape[1]),
+                      astrometric_sigma=(sx, sy), var_const=var_const)
+    finally:
+        numba.set_num_threads(old_threads)
+    return ZogyResult(d=out["d"], psf_d=ks.psf_d, s=out["s"], scorr=out["scorr"],
+                      flux=out["flux"], flux_err=out["flux_err"], f_d=ks.f_d, f_s=ks.f_s,
+                      sigma_new=float(sigma_new), sigma_ref=float(sigma_ref))
