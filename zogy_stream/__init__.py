@@ -1,5 +1,28 @@
-"""zogy_stream: streaming ZOGY proper image subtraction."""
+"""zogy_stream: streaming ZOGY proper image subtraction.
+
+Zackay, Ofek & Gal-Yam (2016, ApJ 830, 27) on mosaics of any size: tiles are
+read from memory-mapped FITS, subtracted with cached pyFFTW plans and Numba
+kernels, and written in place into pre-sized outputs.
+
+Main entry points
+-----------------
+zogy      the mathematics on one periodic tile (arrays in, arrays out)
+stream    generator of finished tiles (paths or arrays in)
+subtract  stream into a multi-extension FITS file and a candidate catalogue
+"""
 from .errors import Cancelled, ConfigError, InputError, ProcessingError, ZogyError
+from .masks import EXCLUDE_CANDIDATE, MaskBit
+from .options import Options
+from .pipeline import SubtractSummary, TileResult, plan_run, stream, subtract
+from .tiles import Box, Tile, TileGrid, fft_size
+from .zogy import KernelSet, ZogyResult, make_kernels, zogy
 
 __version__ = "0.1.0"
-__all__ = ["ZogyError", "InputError", "ConfigError", "ProcessingError", "Cancelled", "__version__"]
+
+__all__ = [
+    "zogy", "stream", "subtract", "plan_run",
+    "ZogyResult", "TileResult", "SubtractSummary", "Options", "KernelSet", "make_kernels",
+    "MaskBit", "EXCLUDE_CANDIDATE", "Box", "Tile", "TileGrid", "fft_size",
+    "ZogyError", "InputError", "ConfigError", "ProcessingError", "Cancelled",
+    "__version__",
+]

@@ -149,6 +149,7 @@ class ImageReader:
             self.shape = shape
             self._hdul = hdul
             self._section = hdu.section
+            self._set_scaling(header, int(header.get("ZBITPIX", header.get("BITPIX", -32))))
             return
         naxis = int(header.get("NAXIS", 0))
         shape = tuple(int(header.get(f"NAXIS{i}", 0)) for i in range(naxis, 0, -1))
@@ -157,10 +158,10 @@ class ImageReader:
         self._check_ndim(len(shape2), shape)
         self.shape = shape2
         bitpix = int(header["BITPIX"])
+        if bitpix not in _BITPIX_DTYPE:
+            raise InputError(f"{where}: unsupported BITPIX {bitpix}")
         dtype = np.dtype(_BITPIX_DTYPE[bitpix])
-        self._scale = (float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0)))
-        if bitpix > 0 and "BLANK" in header:
-            self._blank = int(header["BLANK"])
+        self._set_scaling(header, bitpix)
         offset = int(hdu.fileinfo()["datLoc"])
         hdul.close()
         nbytes = dtype.itemsize * shape2[0] * shape2[1]
@@ -175,6 +176,14 @@ class ImageReader:
         self._raw = np.frombuffer(self._mm, dtype=dtype, count=shape2[0] * shape2[1],
                                   offset=self._data_offset).reshape(shape2)
 
+    def _set_scaling(self, header, bitpix: int) -> None:
+        try:
+            self._scale = (float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0)))
+        except (TypeError, ValueError):
+            raise InputError(f"{self.label}: BSCALE/BZERO are not numbers") from None
+        if bitpix > 0 and "BLANK" in header:
+            self._blank = int(header["BLANK"])
+
     # ------------------------------------------------------------------ reading
     def read(self, box: Box) -> np.ndarray:
         """Return the pixels of ``box`` (inside the image) as native float32.
@@ -187,8 +196,8 @@ class ImageReader:
             except Exception as exc:  # astropy raises assorted errors on corrupt tiles
                 raise InputError(f"{self.label}: cannot decompress rows {box.y0}-{box.y1} "
                                  f"({exc})") from None
-            return np.asarray(raw, dtype=np.float32)
-        raw = self._raw[box.slices]
+        else:
+            raw = self._raw[box.slices]
         out = raw.astype(np.float32)  # native order, one copy
         bscale, bzero = self._scale
         if bscale != 1.0:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyfftw
 from astropy.io import fits
 
 from . import _numba as nk
@@ -240,13 +241,14 @@ class TileEngine:
         self.timings: dict[str, float] = defaultdict(float)
         if wisdom is not None:
             wisdom.load()
+            known = pyfftw.export_wisdom()
         t0 = time.perf_counter()
         self.sub = TileSubtractor(plan.grid.size, has_var=plan.has_var, split=plan.split,
                                   image_space=o.image_space, radius=plan.kernel_radius,
                                   threads=o.threads, effort=o.fft_effort)
         self.timings["plan"] += time.perf_counter() - t0
-        if wisdom is not None and self.sub.fft.plan_seconds > 0.05:
-            wisdom.save()
+        if wisdom is not None and pyfftw.export_wisdom() != known:
+            wisdom.save()  # the planner learned something: keep it for the next run
         self.kernels = KernelCache(plan.grid.size, dtype=np.float32)
         self.mesh_new = MeshBackground(self.readers["NEW"], cell=o.bkg_mesh,
                                        saturation=plan.saturation[0], subtract=o.background,

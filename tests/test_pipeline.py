@@ -1,0 +1,295 @@
+"""The streaming pipeline: physics on simulated scenes, tiling, masks, inputs."""
+import math
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import vstack
+
+from benchmarks.baseline_numpy import zogy_numpy
+from zogy_stream import InputError, stream
+from zogy_stream.demo import match_truth
+from zogy_stream.fft import Wisdom
+from zogy_stream.masks import MaskBit
+from zogy_stream.simulate import make_scene
+from zogy_stream.zogy import snap_sigma
+
+PLANES = ("d", "s", "scorr", "flux", "flux_err", "mask")
+
+
+def run(new, ref, **kw):
+    """Stitch the streamed tiles into whole images; return planes and candidates."""
+    out, cands = {}, []
+    for res in stream(new, ref, **kw):
+        for name in PLANES:
+            arr = getattr(res, name)
+            if name not in out:
+                out[name] = np.full(_shape(new), np.nan if name != "mask" else -1,
+                                    dtype=arr.dtype)
+            out[name][res.box.slices] = arr
+        cands.append(res.candidates)
+    assert all(np.all(np.isfinite(out[k])) for k in PLANES if k != "mask"), "tiles missing"
+    return out, vstack(cands) if cands else None
+
+
+def _shape(src):
+    from zogy_stream.fitsio import ImageReader
+
+    with ImageReader(src) as rd:
+        return rd.shape
+
+
+def scene_kwargs(scene, **extra):
+    sat = scene.meta["saturation"]
+    return dict(new_psf=scene.new_psf, ref_psf=scene.ref_psf, new_var=scene.new_var,
+                ref_var=scene.ref_var, flux_ratio=scene.meta["flux_ratio"], wisdom=False,
+                new_saturation=sat, ref_saturation=sat, **extra)
+
+
+SATURATE = 30000.0
+
+
+@pytest.fixture(scope="module")
+def crowded():
+    """Stars, galaxies, transients, F_n/F_r = 1.25, and saturated bright stars."""
+    import dataclasses
+
+    from conftest import add_source
+
+    sc = make_scene((1024, 1024), seed=7, n_transients=60, transient_snr=(7, 60),
+                    n_galaxies=30, new_fwhm=4.2, ref_fwhm=3.0, flux_ratio=1.25,
+                    sky_new=800.0, sky_ref=1200.0, gain=2.0, star_density=3000)
+    rng = np.random.default_rng(70)
+    imgs = {}
+    for name, psf, scale in (("new", sc.new_psf, 1.25), ("ref", sc.ref_psf, 1.0)):
+        model = np.zeros(sc.new.shape)
+        for y, x in ((150, 820), (700, 300), (880, 900), (420, 560)):
+            add_source(model, psf, 2e6 * scale, y, x)
+        var = getattr(sc, f"{name}_var") + model / 2.0  # gain 2
+        img = getattr(sc, name) + model + rng.normal(0, 1, model.shape) * np.sqrt(model / 2.0)
+        imgs[name] = np.minimum(img, SATURATE).astype(np.float32)
+        imgs[f"{name}_var"] = var.astype(np.float32)
+    return dataclasses.replace(sc, meta=dict(sc.meta, saturation=SATURATE), **imgs)
+
+
+@pytest.fixture(scope="module")
+def crowded_result(crowded):
+    return run(crowded.new, crowded.ref, **scene_kwargs(crowded, tile=512))
+
+
+def test_transients_recovered_at_expected_snr_with_unbiased_flux(crowded, crowded_result):
+    out, cands = crowded_result
+    tr = crowded.transients
+    idx = match_truth(tr, cands, radius=2.0)
+    ok = idx >= 0
+    assert ok.mean() >= 0.95, f"recovered {ok.sum()}/{len(tr)}"
+    peak = np.array([cands["scorr"][j] for j in idx[ok]])
+    ratio = peak / np.asarray(tr["expected_snr"])[ok]
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.15)
+    flux = np.array([cands["flux"][j] for j in idx[ok]])
+    err = np.array([cands["flux_err"][j] for j in idx[ok]])
+    true = np.asarray(tr["flux"])[ok]
+    assert np.median(flux / true) == pytest.approx(1.0, abs=0.05)
+    pulls = (flux - true) / err
+    assert 0.7 < np.std(pulls) < 1.3
+    # positions: sub-pixel centroids close to the truth
+    dx = np.array([cands["x"][j] for j in idx[ok]]) - np.asarray(tr["x"])[ok]
+    dy = np.array([cands["y"][j] for j in idx[ok]]) - np.asarray(tr["y"])[ok]
+    assert np.sqrt(np.mean(dx ** 2 + dy ** 2)) < 0.5
+
+
+def test_crowded_field_noise_and_false_positives(crowded, crowded_result):
+    out, cands = crowded_result
+    clean = out["mask"] == 0
+    yy, xx = np.indices(clean.shape)
+    for x, y in zip(crowded.transients["x"], crowded.transients["y"]):
+        box = (slice(max(int(y) - 15, 0), int(y) + 16), slice(max(int(x) - 15, 0), int(x) + 16))
+        clean[box] = False   # the transients themselves are signal, not noise
+    assert out["scorr"][clean].std() == pytest.approx(1.0, abs=0.05)
+    assert out["d"][clean].std() == pytest.approx(1.0, abs=0.08)
+    d = np.where(clean, out["d"], 0.0)
+    rho = np.mean(d[:, 1:] * d[:, :-1]) / np.mean(d * d)
+    assert abs(rho) < 0.05
+    matched = set(match_truth(crowded.transients, cands, radius=2.0).tolist())
+    false = [i for i in range(len(cands)) if i not in matched]
+    assert len(false) <= 4  # 1 Mpix: the issue's bound is 4 per Mpix
+    # saturated stars are masked and never yield candidates
+    assert np.any(out["mask"] & MaskBit.SATURATED)
+    for row in cands:
+        assert not (out["mask"][row["y_peak"], row["x_peak"]] & MaskBit.SATURATED)
+
+
+def test_blank_sky_normalisation_without_variance_maps():
+    scene = make_scene((768, 768), seed=3, blank=True, sky_new=500.0, sky_ref=900.0)
+    out, cands = run(scene.new, scene.ref, new_psf=scene.new_psf, ref_psf=scene.ref_psf,
+                     tile=256, wisdom=False)
+    inner = (slice(20, -20), slice(20, -20))
+    assert out["d"][inner].std() == pytest.approx(1.0, abs=0.02)
+    assert out["scorr"][inner].std() == pytest.approx(1.0, abs=0.02)
+    fs = out["s"][inner].var() / (out["s"][inner] / out["flux"][inner]).mean()
+    assert fs == pytest.approx(1.0, abs=0.06)  # var(S) = F_S
+    assert np.allclose(out["flux_err"][inner] * np.sqrt(out["s"][inner] / out["flux"][inner]),
+                       1.0, rtol=0.03)
+    # a Gaussian field gives ~ N * P(|x| > 5) = 0 false detections
+    assert len(cands) <= 1
+
+
+@pytest.mark.parametrize("variance", [True, False])
+def test_tile_size_invariance(crowded, variance):
+    kw = scene_kwargs(crowded)
+    if not variance:
+        kw.pop("new_var"), kw.pop("ref_var")
+    a, _ = run(crowded.new, crowded.ref, tile=256, **kw)
+    b, _ = run(crowded.new, crowded.ref, tile=384, **kw)
+    diff = np.abs(a["scorr"] - b["scorr"])
+    assert np.median(diff) < 0.005
+    assert np.mean(diff > 0.1) < 0.01
+    assert np.array_equal(a["mask"], b["mask"])
+
+
+def test_streamed_equals_plain_whole_image_computation():
+    """Tiled float32 pipeline vs an independent whole-image float64 NumPy ZOGY."""
+    scene = make_scene((640, 640), seed=5, n_stars=150, n_transients=15, sky_new=0.0,
+                       sky_ref=0.0, new_fwhm=3.6, ref_fwhm=2.7, flux_ratio=0.9)
+    sn, sr = scene.meta["sigma_new"], scene.meta["sigma_ref"]
+    vn = np.full(scene.new.shape, sn ** 2, np.float32)
+    vr = np.full(scene.new.shape, sr ** 2, np.float32)
+    out, _ = run(scene.new, scene.ref, new_psf=scene.new_psf, ref_psf=scene.ref_psf,
+                 new_var=vn, ref_var=vr, flux_ratio=0.9, background=False, tile=200, wisdom=False)
+    # the pipeline builds kernels at noise levels snapped to a 2% grid
+    ref = zogy_numpy(scene.new.astype(float), scene.ref.astype(float), scene.new_psf,
+                     scene.ref_psf, snap_sigma(sn), snap_sigma(sr), new_var=vn, ref_var=vr,
+                     flux_ratio=0.9)
+    inner = (slice(60, -60), slice(60, -60))  # away from the periodic wrap of the baseline
+    for key in ("d", "scorr", "flux", "flux_err"):
+        a, b = out[key][inner], ref[key][inner]
+        scale = max(1.0, np.abs(b).max())
+        assert np.max(np.abs(a - b)) < 2e-4 * scale, key
+
+
+def test_fourier_and_image_space_agree():
+    scene = make_scene((512, 512), seed=9, n_transients=10, new_fwhm=3.5, ref_fwhm=2.5)
+    kw = scene_kwargs(scene, tile=256, astrometric_sigma=(0.05, 0.03))
+    f, cf = run(scene.new, scene.ref, **kw)
+    i, ci = run(scene.new, scene.ref, image_space=True, **kw)
+    for key in ("d", "scorr"):
+        assert np.max(np.abs(f[key] - i[key])) < 5e-3, key
+    assert np.max(np.abs(f["flux"] - i["flux"]) / f["flux_err"]) < 5e-3
+    assert len(cf) == len(ci)
+
+
+def test_masks_nan_saturation_and_user_mask():
+    scene = make_scene((512, 512), seed=4, n_transients=5)
+    new = scene.new.copy()
+    new[100:110, 200:260] = np.nan                    # a dead region in NEW
+    ref = scene.ref.copy()
+    ref[300, 300] = np.inf
+    user = np.zeros(new.shape, np.uint8)
+    user[400:420, 50:70] = 1
+    out, cands = run(new, ref, new_psf=scene.new_psf, ref_psf=scene.ref_psf, new_mask=user,
+                     new_saturation=float(np.nanpercentile(scene.new, 99.99)), tile=256,
+                     wisdom=False)
+    m = out["mask"]
+    assert np.all(m[100:110, 200:260] & MaskBit.BAD_NEW)
+    assert m[300, 300] & MaskBit.BAD_REF
+    assert np.all(m[400:420, 50:70] & MaskBit.USER)
+    assert m[95, 230] & MaskBit.NEAR and m[112, 230] & MaskBit.NEAR   # grown footprint
+    assert not m[150, 230] & MaskBit.NEAR
+    assert np.all(m[:3] & MaskBit.EDGE) and not m[256, 256] & MaskBit.EDGE
+    assert np.any(m & MaskBit.SATURATED)
+    for k in ("d", "s", "scorr", "flux", "flux_err"):
+        assert np.all(np.isfinite(out[k]))
+    bad = MaskBit.BAD_NEW | MaskBit.BAD_REF | MaskBit.USER | MaskBit.SATURATED | MaskBit.NEAR
+    for row in cands:
+        assert not m[row["y_peak"], row["x_peak"]] & bad
+    # filled pixels do not ring: S_corr next to the dead region stays noise-like
+    assert np.abs(out["scorr"][60:90, 200:260]).max() < 5
+
+
+def test_nonpositive_variance_is_an_input_error():
+    scene = make_scene((256, 256), seed=1, n_transients=0)
+    var = scene.new_var.copy()
+    var[10, 10] = 0.0
+    with pytest.raises(InputError, match="variance"):
+        run(scene.new, scene.ref, **dict(scene_kwargs(scene), new_var=var))
+
+
+def test_wisdom_written_then_reused(tmp_path):
+    scene = make_scene((256, 256), seed=2, n_transients=0)
+    path = tmp_path / "w" / "wisdom.bin"
+    kw = dict(new_psf=scene.new_psf, ref_psf=scene.ref_psf, tile=200, wisdom=path)
+    for _ in stream(scene.new, scene.ref, **kw):
+        pass
+    assert path.is_file() and path.stat().st_size > 100
+    w = Wisdom(path)
+    assert w.load() and w.loaded
+    # a corrupt file is ignored with a warning, never an error
+    path.write_bytes(b"garbage")
+    for _ in stream(scene.new, scene.ref, **kw):
+        pass
+
+
+def _write(path, data, **header):
+    hdu = fits.PrimaryHDU(data)
+    for k, v in header.items():
+        hdu.header[k] = v
+    hdu.writeto(path, overwrite=True)
+    return str(path)
+
+
+def test_big_endian_bscale_compressed_and_extension_inputs(tmp_path):
+    """FITS byte order, integer scaling, BLANK, tile compression and [EXT] all
+    give the same result as the equivalent float arrays."""
+    scene = make_scene((300, 300), seed=8, n_transients=3, sky_new=2000, sky_ref=2000)
+    kw = dict(new_psf=scene.new_psf, ref_psf=scene.ref_psf, tile=128, wisdom=False)
+    q_new = np.round((scene.new - 1000.0) / 0.5).astype(np.int16)   # BSCALE 0.5, BZERO 1000
+    new_f = (q_new.astype(np.float32) * 0.5 + 1000.0).astype(np.float32)
+    ref64 = scene.ref.astype(">f8")                                   # big-endian float64
+    base, _ = run(new_f, scene.ref.astype(np.float32), **kw)
+    # int16 + BSCALE/BZERO, written raw so astropy does not rescale it
+    p_int = tmp_path / "new_int.fits"
+    hdu = fits.PrimaryHDU(q_new)
+    hdu.header["BSCALE"] = 0.5
+    hdu.header["BZERO"] = 1000.0
+    hdu.writeto(p_int)
+    p_ref = _write(tmp_path / "ref64.fits", ref64)
+    got, _ = run(str(p_int), p_ref, **kw)
+    for k in ("scorr", "d"):
+        assert np.allclose(got[k], base[k], atol=1e-4), k
+    # tile-compressed (lossless RICE on integers) in extension 1, and by name
+    comp = fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(q_new, compression_type="RICE_1",
+                                                              name="SCI")])
+    comp[1].header["BSCALE"] = 0.5
+    comp[1].header["BZERO"] = 1000.0
+    p_fz = tmp_path / "new.fits.fz"
+    comp.writeto(p_fz)
+    with fits.open(p_fz) as h:
+        assert np.array_equal(h[1].data.astype(np.float32), new_f)  # what astropy reads
+    for spec in (f"{p_fz}[1]", f"{p_fz}[SCI]", str(p_fz)):
+        got, _ = run(spec, p_ref, **kw)
+        assert np.allclose(got["scorr"], base["scorr"], atol=1e-4), spec
+    # BLANK in integer data becomes NaN and is masked
+    q2 = q_new.copy()
+    q2[50, 60] = -32768
+    hdu = fits.PrimaryHDU(q2)
+    hdu.header["BLANK"] = -32768
+    hdu.writeto(tmp_path / "blank.fits")
+    got, _ = run(str(tmp_path / "blank.fits"), p_ref, **kw)
+    assert got["mask"][50, 60] & MaskBit.BAD_NEW
+
+
+@pytest.mark.parametrize("psf_size", [23, 24])
+def test_pipeline_keeps_sources_on_their_pixel(psf_size):
+    """Odd and even PSF stamps through the whole pipeline (tile edges included)."""
+    from conftest import add_source, gaussian
+
+    rng = np.random.default_rng(0)
+    new = rng.normal(100, 5, (300, 300)).astype(np.float32)
+    ref = rng.normal(100, 5, (300, 300)).astype(np.float32)
+    psf = gaussian(3.0, n=psf_size)
+    for y, x in ((64, 64), (127, 128), (128, 200)):   # on and next to a tile border
+        add_source(new, psf, 4000.0, y, x)
+    out, cands = run(new, ref, new_psf=psf, ref_psf=psf, tile=128, wisdom=False)
+    found = {(int(r["y_peak"]), int(r["x_peak"])) for r in cands if r["scorr"] > 0}
+    assert {(64, 64), (127, 128), (128, 200)} <= found
+    assert len(cands) == 3

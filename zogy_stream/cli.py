@@ -1,0 +1,240 @@
+"""Command line: ``zogy-stream subtract | demo | daemon | status | requeue``.
+
+``main(argv=None) -> int`` configures logging (the library never does),
+turns every user error into one line on stderr with a non-zero exit status,
+and never shows a traceback unless ``--debug`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import Cancelled, ZogyError
+
+__all__ = ["main", "subtraction_parent", "subtract_kwargs"]
+
+log = logging.getLogger("zogy_stream")
+
+EXIT_INPUT = 2      # bad input / options
+EXIT_RUNTIME = 1    # I/O or processing failure
+EXIT_INTERNAL = 3   # a bug: please report
+EXIT_INTERRUPT = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
+    return v
+
+
+def _common_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output and logging")
+    g.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bar")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    g.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return p
+
+
+def subtraction_parent() -> argparse.ArgumentParser:
+    """Parser (add_help=False) with every subtraction option, shared by
+    ``subtract`` and ``daemon``."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("inputs")
+    g.add_argument("--new-psf", metavar="F", help="PSF image FITS of NEW (centred; normalised on read)")
+    g.add_argument("--ref-psf", metavar="F", help="PSF image FITS of REF")
+    g.add_argument("--new-var", metavar="F", help="per-pixel variance map of NEW")
+    g.add_argument("--ref-var", metavar="F", help="per-pixel variance map of REF")
+    g.add_argument("--new-mask", metavar="F", help="bad-pixel mask of NEW (non-zero = bad)")
+    g.add_argument("--ref-mask", metavar="F", help="bad-pixel mask of REF (non-zero = bad)")
+    g.add_argument("--new-gain", metavar="G", type=_positive_float,
+                   help="gain of NEW in e-/ADU for the Poisson variance (default: GAIN keyword)")
+    g.add_argument("--ref-gain", metavar="G", type=_positive_float, help="gain of REF (default: GAIN keyword)")
+    g.add_argument("--new-saturation", metavar="ADU", type=_positive_float,
+                   help="saturation level of NEW (default: SATURATE keyword)")
+    g.add_argument("--ref-saturation", metavar="ADU", type=_positive_float,
+                   help="saturation level of REF (default: SATURATE keyword)")
+    g = p.add_argument_group("ZOGY")
+    g.add_argument("--flux-ratio", metavar="F", type=_positive_float, default=1.0,
+                   help="F_n/F_r, the new image's flux scale relative to REF (default 1.0)")
+    g.add_argument("--astrometric-sigma", metavar=("SX", "SY"), nargs=2, type=_nonneg_float,
+                   default=(0.0, 0.0), help="registration noise in pixels for V_ast (default 0 0)")
+    g.add_argument("--no-background", action="store_true",
+                   help="images are background-subtracted already")
+    g.add_argument("--bkg-mesh", metavar="N", type=_positive_int, default=256,
+                   help="background mesh cell in pixels (default 256)")
+    g.add_argument("--threshold", metavar="T", type=_positive_float, default=5.0,
+                   help="|S_corr| threshold for candidates (default 5)")
+    g = p.add_argument_group("performance")
+    g.add_argument("--tile", metavar="N", type=_positive_int, default=1024,
+                   help="tile core size in pixels (default 1024)")
+    g.add_argument("--overlap", metavar="N", type=_positive_int,
+                   help="tile overlap in pixels (default: derived from the ZOGY kernels)")
+    g.add_argument("--threads", metavar="N", type=_positive_int, help="threads (default: all CPUs)")
+    g.add_argument("--image-space", action="store_true",
+                   help="direct convolutions with trimmed real-space kernels instead of FFTs")
+    g.add_argument("--wisdom", metavar="PATH",
+                   help="FFTW wisdom file (default $ZOGY_STREAM_WISDOM or ~/.cache/zogy_stream/fftw_wisdom)")
+    g.add_argument("--no-wisdom", action="store_true", help="do not read or write FFTW wisdom")
+    g.add_argument("--fft-effort", choices=("estimate", "measure", "patient"), default="measure",
+                   help="FFTW planner effort (default measure; planned once, cached as wisdom)")
+    return p
+
+
+def subtract_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`zogy_stream.subtract` from parsed options."""
+    return dict(
+        new_psf=args.new_psf, ref_psf=args.ref_psf, new_var=args.new_var, ref_var=args.ref_var,
+        new_mask=args.new_mask, ref_mask=args.ref_mask, new_gain=args.new_gain,
+        ref_gain=args.ref_gain, new_saturation=args.new_saturation,
+        ref_saturation=args.ref_saturation, flux_ratio=args.flux_ratio,
+        astrometric_sigma=tuple(args.astrometric_sigma), background=not args.no_background,
+        bkg_mesh=args.bkg_mesh, threshold=args.threshold, tile=args.tile, overlap=args.overlap,
+        threads=args.threads, image_space=args.image_space,
+        wisdom=False if args.no_wisdom else args.wisdom, fft_effort=args.fft_effort,
+    )
+
+
+# -------------------------------------------------------------------- commands
+def _cmd_subtract(args) -> int:
+    from .pipeline import subtract
+
+    summary = subtract(args.new, args.ref, args.output, catalog=args.catalog,
+                       progress=not args.quiet, **subtract_kwargs(args))
+    ny, nx = summary.shape
+    print(f"{summary.out}: {nx}x{ny}, {summary.n_tiles} tiles, {summary.n_candidates} candidates"
+          + (f" -> {summary.catalog}" if summary.catalog else "")
+          + f", {summary.seconds:.2f} s ({summary.mpix_per_s:.1f} Mpix/s)")
+    if args.timings:
+        for stage, secs in summary.timings.items():
+            print(f"  {stage:12s} {secs:8.3f} s")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    report = run_demo(Path(args.outdir), size=args.size, seed=args.seed, threads=args.threads,
+                      progress=not args.quiet)
+    print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_parent()
+    parser = _Parser(prog="zogy-stream", description="Streaming ZOGY proper image subtraction.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"zogy-stream {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sp = sub.add_parser("subtract", parents=[common, subtraction_parent()],
+                        help="subtract REF from NEW into a multi-extension FITS file",
+                        description="ZOGY subtraction of REF from NEW (registered on one grid).")
+    sp.add_argument("new", metavar="NEW.fits", help="new (science) image; file.fits[N] selects an HDU")
+    sp.add_argument("ref", metavar="REF.fits", help="reference image on the same pixel grid")
+    sp.add_argument("-o", "--output", metavar="OUT.fits", required=True, help="output FITS file")
+    sp.add_argument("--catalog", metavar="CAT.ecsv", help="write candidates (ECSV, or FITS by suffix)")
+    sp.add_argument("--timings", action="store_true", help="print the time spent per stage")
+    sp.set_defaults(func=_cmd_subtract)
+    dp = sub.add_parser("demo", parents=[common], help="simulate a scene and subtract it",
+                        description="Make a synthetic new/reference pair with transients in "
+                                    "OUTDIR, subtract it and check the recovered transients.")
+    dp.add_argument("outdir", metavar="OUTDIR")
+    dp.add_argument("--size", type=_positive_int, default=2048, help="image side (default 2048)")
+    dp.add_argument("--seed", type=int, default=1)
+    dp.add_argument("--threads", type=_positive_int)
+    dp.set_defaults(func=_cmd_demo)
+    try:
+        from .daemon import add_commands
+    except ImportError:  # daemon extras not installed
+        add_commands = None
+    if add_commands is not None:
+        add_commands(sub, subtraction_parent, common)
+    return parser
+
+
+def _configure_logging(args) -> None:
+    level = logging.DEBUG if getattr(args, "verbose", False) else (
+        logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger("zogy_stream")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``zogy-stream`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_INPUT
+    _configure_logging(args)
+    prog = f"zogy-stream {args.command}"
+    try:
+        return int(args.func(args) or 0)
+    except Cancelled as exc:
+        print(f"{prog}: stopped: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPT
+    except ZogyError as exc:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPT
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f" '{exc.filename}'" if getattr(exc, "filename", None) else ""
+        print(f"{prog}: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except MemoryError:
+        print(f"{prog}: error: out of memory; use a smaller --tile", file=sys.stderr)
+        return EXIT_RUNTIME
+    except Exception as exc:  # a bug: one line, details with --debug
+        if args.debug:
+            raise
+        print(f"{prog}: internal error: {type(exc).__name__}: {exc} (rerun with --debug and "
+              "report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
