@@ -50,13 +50,17 @@ _TRUNC = truncation_factor(CLIP)
 def _clipped_stats(img, y0, y1, x0, x1, step, saturation, clip, iters):
     """Clipped mean and std of img[y0:y1:step, x0:x1:step] (finite, < saturation).
 
-    Starts from the median, then iterates mean/std within +-clip*std.
+    Starts from the median and MAD of a sparse subsample (~4000 pixels),
+    then iterates mean/std within +-clip*std over all the pixels.
     Returns (mean, std, n_used); n_used = 0 when nothing is usable.
     """
+    ny = (y1 - y0 + step - 1) // step
+    nx = (x1 - x0 + step - 1) // step
+    sub = max(1, int(math.sqrt(ny * nx / 4096.0)))
+    buf = np.empty(((ny + sub - 1) // sub) * ((nx + sub - 1) // sub), np.float64)
     n = 0
-    buf = np.empty(((y1 - y0 + step - 1) // step) * ((x1 - x0 + step - 1) // step), np.float64)
-    for y in range(y0, y1, step):
-        for x in range(x0, x1, step):
+    for y in range(y0, y1, step * sub):
+        for x in range(x0, x1, step * sub):
             v = img[y, x]
             if np.isfinite(v) and v < saturation:
                 buf[n] = v
@@ -65,32 +69,36 @@ def _clipped_stats(img, y0, y1, x0, x1, step, saturation, clip, iters):
         return 0.0, 0.0, 0
     vals = buf[:n]
     centre = np.median(vals)
-    # initial scale: MAD
     mad = np.median(np.abs(vals - centre)) * 1.482602218505602
     lo = centre - clip * mad if mad > 0 else -np.inf
     hi = centre + clip * mad if mad > 0 else np.inf
     mean = centre
     std = mad
-    used = n
+    used = 0
     for _ in range(iters):
         s = 0.0
         s2 = 0.0
         m = 0
-        for v in vals:
-            if lo <= v <= hi:
-                s += v
-                s2 += v * v
-                m += 1
+        for y in range(y0, y1, step):
+            for x in range(x0, x1, step):
+                v = img[y, x]
+                if lo <= v <= hi and v < saturation:  # NaN fails the comparison
+                    d = v - centre
+                    s += d
+                    s2 += d * d
+                    m += 1
         if m < 16:
             break
-        mean = s / m
-        std = math.sqrt(max(s2 / m - mean * mean, 0.0))
+        mean = centre + s / m
+        std = math.sqrt(max(s2 / m - (s / m) ** 2, 0.0))
         used = m
         nlo = mean - clip * std
         nhi = mean + clip * std
-        if nlo == lo and nhi == hi:
+        if abs(nlo - lo) <= 1e-6 * std and abs(nhi - hi) <= 1e-6 * std:
             break
         lo, hi = nlo, nhi
+    if used == 0:
+        return centre, mad, n
     return mean, std, used
 
 
@@ -169,8 +177,7 @@ class MeshBackground:
         box = Box(i * b, min((i + 1) * b, ny), j * b, min((j + 1) * b, nx))
         pix = self.reader.read(box)
         self.reader.release(box)
-        step = max(1, int(math.sqrt(pix.size / 65536)))
-        mean, std, n = _clipped_stats(pix, 0, pix.shape[0], 0, pix.shape[1], step,
+        mean, std, n = _clipped_stats(pix, 0, pix.shape[0], 0, pix.shape[1], 1,
                                       self.saturation, CLIP, 20)
         if n == 0:  # nothing usable (all NaN/saturated): neutral values
             mean, sig = np.nan, self.fallback_sigma

@@ -221,17 +221,15 @@ class ImageReader:
             rows = [np.asarray(self._section[y:y + 1, :], dtype=np.float32)[0, ::step]
                     for y in range(0, ny, step)]
             return np.array(rows, dtype=np.float32)
-        out = self.read(Box(0, self.shape[0], 0, self.shape[1])) if self._mm is None else None
-        if out is not None:
-            return out[::step, ::step]
-        rows = []
-        ny, nx = self.shape
-        band = max(step, (1 << 22) // max(nx, 1) // step * step)
-        for y0 in range(0, ny, band):
-            box = Box(y0, min(y0 + band, ny), 0, nx)
-            rows.append(self.read(box)[::step, ::step])
-            self.release(box)
-        return np.concatenate(rows, axis=0)
+        raw = self._raw[::step, ::step]  # touches only the sampled rows' pages
+        out = raw.astype(np.float32)
+        bscale, bzero = self._scale
+        if bscale != 1.0 or bzero != 0.0:
+            out = out * np.float32(bscale) + np.float32(bzero)
+        if self._blank is not None:
+            out[raw == self._blank] = np.nan
+        self.release(Box(0, self.shape[0], 0, self.shape[1]))
+        return out
 
     def close(self) -> None:
         self._raw = None

@@ -76,7 +76,7 @@ class Options:
     new_gain: float | None = None
     ref_gain: float | None = None
     fft_effort: str = "measure"
-    prefetch: int = 2
+    prefetch: int = 1
     seed: int = 0
     durable: bool = False
 

@@ -274,13 +274,19 @@ class TileEngine:
         for rd in self.readers.values():
             rd.release(tile.valid)
         stats = []
+        ly, lx = p.grid.size
         for mesh, var in ((self.mesh_new, win.get("--new-var")), (self.mesh_ref, win.get("--ref-var"))):
             values, i0, j0, sigma = mesh.mesh(tile.window)
+            rows = np.empty((ly, values.shape[1]))
+            xi = np.empty(lx, np.int64)
+            xw = np.empty(lx)
+            nk._mesh_rows(values, i0, j0, mesh.cell, tile.window.y0, tile.window.x0, ly, lx,
+                          rows, xi, xw)
             if var is not None:
                 v = var[::4, ::4]
                 v = v[np.isfinite(v) & (v > 0)]
                 sigma = math.sqrt(float(np.median(v))) if v.size else sigma
-            stats.append((values, i0, j0, sigma))
+            stats.append((rows, xi, xw, sigma, float(values.mean())))
         self.timings["read+stats"] += time.perf_counter() - t0
         return _Loaded(tile, win, tuple(stats))
 
@@ -294,7 +300,7 @@ class TileEngine:
         """
         p, o, tile = self.plan, self.plan.opts, loaded.tile
         w = loaded.windows
-        (mesh_n, i0n, j0n, sig_n), (mesh_r, i0r, j0r, sig_r) = loaded.stats
+        (rows_n, xi_n, xw_n, sig_n, bkg_n), (rows_r, xi_r, xw_r, sig_r, bkg_r) = loaded.stats
         tim = self.timings
         t0 = time.perf_counter()
         ks = self.kernels.get(0, p.new_psf, p.ref_psf, sigma_n=sig_n, sigma_r=sig_r,
@@ -307,7 +313,7 @@ class TileEngine:
         nk._prepare(w["NEW"], w["REF"], w.get("--new-var", e), w.get("--ref-var", e),
                     w.get("--new-mask", e), w.get("--ref-mask", e),
                     "--new-var" in w, "--ref-var" in w, "--new-mask" in w, "--ref-mask" in w,
-                    vin.y0, vin.x0, mesh_n, i0n, j0n, mesh_r, i0r, j0r, o.bkg_mesh,
+                    vin.y0, vin.x0, rows_n, xi_n, xw_n, rows_r, xi_r, xw_r,
                     sig_n, sig_r, p.saturation[0],
                     p.saturation[1], 1.0 / gn if gn else 0.0, 1.0 / gr if gr else 0.0,
                     p.has_var, tile.window.y0, tile.window.x0, o.seed, self.sub.inputs,
@@ -338,7 +344,7 @@ class TileEngine:
             d=out["d"][core], s=out["s"][core], scorr=out["scorr"][core],
             flux=out["flux"][core], flux_err=out["flux_err"][core],
             mask=mask_ext[core].astype(np.int16), candidates=cands,
-            stats=dict(bkg_new=float(np.mean(mesh_n)), bkg_ref=float(np.mean(mesh_r)),
+            stats=dict(bkg_new=bkg_n, bkg_ref=bkg_r,
                        sigma_new=sig_n, sigma_ref=sig_r, f_s=ks.f_s, f_d=ks.f_d),
         )
         tim["finish"] += time.perf_counter() - t3

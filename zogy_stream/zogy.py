@@ -150,37 +150,54 @@ def make_kernels(spectra: PsfSpectra, *, sigma_n: float, sigma_r: float,
     ny, nx = spectra.shape
     fn, fr = float(flux_ratio), 1.0
     pn, pr = spectra.pn, spectra.pr
+    cdtype = np.result_type(np.dtype(dtype), np.complex64)
+    scale = 1.0 / (ny * nx)
+
+    def cast(a):  # fold in the 1/(ny nx) of the unnormalised inverse FFT
+        a *= scale
+        return np.ascontiguousarray(a, dtype=cdtype)
+
+    # Intermediates are freed as soon as they are cast: the float64 build
+    # would otherwise hold ~15 full-size complex arrays at once.
     an2 = pn.real ** 2 + pn.imag ** 2
     ar2 = pr.real ** 2 + pr.imag ** 2
     delta = sigma_n ** 2 * fr ** 2 * ar2 + sigma_r ** 2 * fn ** 2 * an2
     # Guard: where both transforms vanish Delta underflows; kernels are 0 there.
     ok = delta > _DELTA_FLOOR * delta.max()
-    inv_delta = np.where(ok, 1.0 / np.where(ok, delta, 1.0), 0.0)
+    np.divide(1.0, delta, out=delta, where=ok)
+    delta[~ok] = 0.0
+    inv_delta = delta                                           # 1 / Delta
     inv_sqrt = np.sqrt(inv_delta)
-    kd_n = fr * pr * inv_sqrt                                   # (13)
-    kd_r = fn * pn * inv_sqrt                                   # (13)
-    k_n = fn * fr ** 2 * np.conj(pn) * ar2 * inv_delta          # (29)
-    k_r = fr * fn ** 2 * np.conj(pr) * an2 * inv_delta          # (28)
     f_d = fr * fn / math.sqrt(sigma_n ** 2 * fr ** 2 + sigma_r ** 2 * fn ** 2)   # (15)
-    # F_S (42) as the response of S to a unit point source in N: exact on the
-    # half spectrum (no Hermitian bookkeeping).
-    f_s = float(np.fft.irfft2(k_n * fn * pn, s=(ny, nx))[0, 0])
-    kn_real = np.fft.irfft2(k_n, s=(ny, nx))
-    kr_real = np.fft.irfft2(k_r, s=(ny, nx))
-    k_n2 = np.fft.rfft2(kn_real ** 2)                           # (26)
-    k_r2 = np.fft.rfft2(kr_real ** 2)                           # (27)
-    pd_hat = fr * fn * pr * pn * inv_sqrt / f_d                 # (14)
+    pd_hat = (fr * fn / f_d) * pr * pn * inv_sqrt               # (14)
     radius = psf_d_radius or max(spectra.psf_n.shape + spectra.psf_r.shape) // 2
     psf_d = _crop_centred(np.fft.irfft2(pd_hat, s=(ny, nx)), min(radius, min(ny, nx) // 2 - 1))
-    cdtype = np.result_type(np.dtype(dtype), np.complex64)
-    scale = 1.0 / (ny * nx)
-    cast = lambda a: np.ascontiguousarray(a * scale, dtype=cdtype)  # noqa: E731
+    del pd_hat
+    kd_n = cast(fr * pr * inv_sqrt)                             # (13)
+    kd_r = cast(fn * pn * inv_sqrt)                             # (13)
+    del inv_sqrt
+    k_n = fn * fr ** 2 * np.conj(pn) * (ar2 * inv_delta)        # (29)
+    del ar2
+    # F_S (42) as the response of S to a unit point source in N: exact on the
+    # half spectrum (no Hermitian bookkeeping).
+    f_s = float(np.fft.irfft2(k_n * (fn * pn), s=(ny, nx))[0, 0])
+    kn_real = np.fft.irfft2(k_n, s=(ny, nx))
+    k_n = cast(k_n)
+    k_r = fr * fn ** 2 * np.conj(pr) * (an2 * inv_delta)        # (28)
+    del an2, inv_delta
+    kr_real = np.fft.irfft2(k_r, s=(ny, nx))
+    k_r = cast(k_r)
+    kn_real **= 2
+    kr_real **= 2
+    energy_n, energy_r = float(kn_real.sum()), float(kr_real.sum())
+    k_n2 = cast(np.fft.rfft2(kn_real))                          # (26)
+    del kn_real
+    k_r2 = cast(np.fft.rfft2(kr_real))                          # (27)
+    del kr_real
     return KernelSet(
         shape=(ny, nx), sigma_n=float(sigma_n), sigma_r=float(sigma_r), flux_ratio=fn,
-        kd_n=cast(kd_n), kd_r=cast(kd_r), k_n=cast(k_n), k_r=cast(k_r),
-        k_n2=cast(k_n2), k_r2=cast(k_r2), f_d=f_d, f_s=f_s,
-        energy_n=float((kn_real ** 2).sum()), energy_r=float((kr_real ** 2).sum()),
-        psf_d=psf_d,
+        kd_n=kd_n, kd_r=kd_r, k_n=k_n, k_r=k_r, k_n2=k_n2, k_r2=k_r2, f_d=f_d, f_s=f_s,
+        energy_n=energy_n, energy_r=energy_r, psf_d=psf_d,
     )
 
 
@@ -239,7 +256,7 @@ class KernelCache:
         Kernel sets kept (each holds six half-spectra).
     """
 
-    def __init__(self, shape, *, dtype=np.float32, maxsize: int = 3) -> None:
+    def __init__(self, shape, *, dtype=np.float32, maxsize: int = 2) -> None:
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.maxsize = maxsize
@@ -260,7 +277,7 @@ class KernelCache:
         if spectra is None:
             spectra = PsfSpectra.from_psfs(psf_n, psf_r, self.shape)
             self._spectra[psf_key] = spectra
-            if len(self._spectra) > self.maxsize:
+            while len(self._spectra) > 1:  # PSF pairs change rarely; keep one
                 self._spectra.popitem(last=False)
         ks = make_kernels(spectra, sigma_n=sn, sigma_r=sr, flux_ratio=flux_ratio, dtype=self.dtype)
         self.builds += 1
@@ -308,6 +325,11 @@ class TileSubtractor:
         self._out = (np.empty((n_out,) + self.shape, dtype=self.dtype) if image_space else None)
         self._rk: tuple | None = None
 
+    @staticmethod
+    def _fview(a: np.ndarray) -> np.ndarray:
+        """Complex array as interleaved (re, im) floats, same memory."""
+        return a.view(a.real.dtype)
+
     def _image_kernels(self, ks: KernelSet):
         if self._rk is None or self._rk[0] is not ks:
             r = self.radius
@@ -344,8 +366,9 @@ class TileSubtractor:
                 nk._convolve_pair(src[2], kn2, src[3], kr2, 1.0, *g, planes[-1])
         else:
             spec = self.fft.forward()
-            nk._combine(self.fft.spec, ks.kd_n, ks.kd_r, ks.k_n, ks.k_r, ks.k_n2, ks.k_r2,
-                        self.has_var, self.split)
+            f = self._fview
+            nk._combine(f(self.fft.spec), f(ks.kd_n), f(ks.kd_r), f(ks.k_n), f(ks.k_r),
+                        f(ks.k_n2), f(ks.k_r2), self.has_var, self.split)
             planes = self.fft.inverse()
             del spec
         shape = (y1 - y0, x1 - x0)

@@ -1,0 +1,183 @@
+"""Tests of zogy_stream.cosmics: cosmic rays injected into a synthetic star field."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.special import erf
+
+from zogy_stream.cosmics import (CosmicsUnavailableError, detect_cosmic_rays, sharper_than_psf,
+                                 sharpness)
+from zogy_stream.errors import InputError, ProcessingError
+
+SIG_PER_FWHM = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+GAIN = 2.0          # e-/ADU
+READ_NOISE = 5.0    # e-
+SKY = 400.0         # ADU
+SATURATION = 20000.0  # ADU
+
+needs_astroscrappy = pytest.mark.skipif(importlib.util.find_spec("astroscrappy") is None,
+                                        reason="astroscrappy not installed")
+
+
+def gaussian_stars(shape, xs, ys, fluxes, fwhm):
+    """Pixel-integrated Gaussian stars (fluxes in ADU)."""
+    img = np.zeros(shape)
+    s = np.sqrt(2.0) * fwhm * SIG_PER_FWHM
+    ex = np.arange(shape[1]) - 0.5
+    ey = np.arange(shape[0]) - 0.5
+    for x, y, f in zip(xs, ys, fluxes):
+        gx = 0.5 * (erf((ex + 1 - x) / s) - erf((ex - x) / s))
+        gy = 0.5 * (erf((ey + 1 - y) / s) - erf((ey - y) / s))
+        img += f * gy[:, None] * gx[None, :]
+    return img
+
+
+def psf_array(fwhm, size=15):
+    c = size // 2
+    return gaussian_stars((size, size), [float(c)], [float(c)], [1.0], fwhm)
+
+
+def _scene(fwhm, seed=0):
+    shape = (256, 256)
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    while len(xs) < 30:                      # well-separated stars (no blends)
+        x, y = rng.uniform(12, 244, 2)
+        if all(np.hypot(x - a, y - b) > 16 for a, b in zip(xs, ys)):
+            xs.append(x)
+            ys.append(y)
+    xs, ys = np.array(xs), np.array(ys)
+    flux = 10 ** rng.uniform(3.0, 5.0, len(xs))
+    flux[0] = 5e6                            # one saturated star
+    clean = gaussian_stars(shape, xs, ys, flux, fwhm) + SKY
+    electrons = rng.poisson(clean * GAIN) + rng.normal(0.0, READ_NOISE, shape)
+    img = np.minimum(electrons / GAIN, SATURATION)
+
+    hits = []
+    while len(hits) < 9:
+        x, y = (int(v) for v in rng.integers(8, 244, 2))
+        if np.hypot(xs - x, ys - y).min() < 14 or any(
+                np.hypot(x - h[0][1], y - h[0][0]) < 8 for h in hits):
+            continue
+        kind = len(hits) % 3
+        if kind == 0:
+            pix = [(y, x)]                                   # single pixel
+        elif kind == 1:
+            pix = [(y, x + i) for i in range(int(rng.integers(2, 5)))]      # horizontal track
+        else:
+            pix = [(y + i, x + i) for i in range(int(rng.integers(2, 4)))]  # diagonal track
+        amp = rng.uniform(300.0, 2000.0)
+        for p in pix:
+            img[p] += amp
+        hits.append(pix)
+    return img, xs, ys, flux, hits
+
+
+@pytest.fixture(scope="module", params=[2.5, 4.0])
+def scene(request):
+    fwhm = request.param
+    img, xs, ys, flux, hits = _scene(fwhm)
+    return fwhm, img, xs, ys, flux, hits
+
+
+def _near_stars(shape, xs, ys, radius):
+    yy, xx = np.indices(shape)
+    out = np.zeros(shape, bool)
+    for x, y in zip(xs, ys):
+        out |= np.hypot(xx - x, yy - y) < radius
+    return out
+
+
+@needs_astroscrappy
+def test_hits_found_stars_spared(scene):
+    fwhm, img, xs, ys, flux, hits = scene
+    crmask = detect_cosmic_rays(img, gain=GAIN, read_noise=READ_NOISE, saturation=SATURATION)
+    assert crmask.dtype == bool and crmask.shape == img.shape
+    for pix in hits:
+        found = np.mean([crmask[p] for p in pix])
+        assert found >= 0.75, pix
+    # nothing flagged on or around the stars (including the saturated one)
+    assert not (crmask & _near_stars(img.shape, xs, ys, 2.5 * fwhm)).any()
+    # hardly anything flagged away from the injected hits (L.A.Cosmic grows into neighbours)
+    injected = np.zeros(img.shape, bool)
+    for pix in hits:
+        for p in pix:
+            injected[p] = True
+    assert (crmask & ~ndimage.binary_dilation(injected, iterations=1)).sum() <= 10
+
+
+@needs_astroscrappy
+def test_sky_subtracted_input_and_mask(scene):
+    fwhm, img, xs, ys, flux, hits = scene
+    ref = detect_cosmic_rays(img, gain=GAIN, read_noise=READ_NOISE, saturation=SATURATION)
+    sub = (img - SKY).astype(">f4")                     # big-endian, sky-subtracted
+    again = detect_cosmic_rays(sub, gain=GAIN, read_noise=READ_NOISE, sky=SKY,
+                               saturation=SATURATION)
+    assert (again != ref).sum() <= 2
+    mask = np.zeros(img.shape, bool)
+    y0, x0 = hits[0][0]
+    mask[y0, x0] = True
+    masked = detect_cosmic_rays(img, gain=GAIN, read_noise=READ_NOISE, mask=mask,
+                                saturation=SATURATION)
+    assert not masked[y0, x0]
+
+
+def test_sharper_than_psf(scene):
+    fwhm, img, xs, ys, flux, hits = scene
+    psf = psf_array(fwhm)
+    h = 7
+    n_star = 0
+    for x, y, f in zip(xs[1:], ys[1:], flux[1:]):
+        ix, iy = int(round(x)), int(round(y))
+        if h <= ix < img.shape[1] - h and h <= iy < img.shape[0] - h:
+            stamp = img[iy - h:iy + h + 1, ix - h:ix + h + 1]
+            assert not sharper_than_psf(stamp, psf), (x, y, f, sharpness(stamp, psf))
+            n_star += 1
+    assert n_star >= 20
+    for pix in hits:
+        iy, ix = pix[len(pix) // 2]
+        stamp = img[iy - h:iy + h + 1, ix - h:ix + h + 1]
+        assert sharper_than_psf(stamp, psf), (pix, sharpness(stamp, psf))
+
+
+def test_sharpness_values():
+    psf = psf_array(3.0, 21)
+    star = psf_array(3.0, 21) * 1e4 + 50.0
+    assert sharpness(star, psf) == pytest.approx(0.0, abs=0.02)
+    spike = np.full((21, 21), 50.0)
+    spike[10, 10] += 1e3
+    assert sharpness(spike, psf) == pytest.approx(1.0, abs=0.02)
+    broad = psf_array(5.0, 21)
+    assert sharpness(broad, psf) < 0.0
+    assert not sharper_than_psf(np.zeros((21, 21)), psf)   # nothing to fit
+    assert sharper_than_psf(spike, psf, noise=5.0)
+    assert not sharper_than_psf(spike, psf, noise=500.0)    # not significant
+    assert not sharper_than_psf(star, psf, noise=1.0)
+    with pytest.raises(InputError, match="noise"):
+        sharper_than_psf(star, psf, noise=-1.0)
+    with pytest.raises(InputError, match="odd"):
+        sharpness(np.zeros((20, 20)), psf)
+    with pytest.raises(InputError, match="NaN"):
+        sharpness(np.full((21, 21), np.nan), psf)
+
+
+def test_missing_astroscrappy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "astroscrappy", None)   # makes the import fail
+    with pytest.raises(CosmicsUnavailableError, match="pip install astroscrappy") as info:
+        detect_cosmic_rays(np.zeros((32, 32)))
+    assert isinstance(info.value, ProcessingError) and isinstance(info.value, ImportError)
+
+
+@needs_astroscrappy
+def test_bad_arguments():
+    img = np.zeros((32, 32))
+    with pytest.raises(InputError, match="gain"):
+        detect_cosmic_rays(img, gain=0.0)
+    with pytest.raises(InputError, match="mask"):
+        detect_cosmic_rays(img, mask=np.zeros((3, 3), bool))
+    with pytest.raises(InputError, match="2-D"):
+        detect_cosmic_rays(np.zeros(10))

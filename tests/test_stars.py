@@ -1,0 +1,290 @@
+"""Tests of zogy_stream.stars on synthetic star fields (and real DECam data if present)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from scipy.special import erf
+
+from zogy_stream.errors import InputError, ProcessingError
+from zogy_stream.stars import (astrometric_sigma, estimate_psf, find_stars, fit_flux_ratio,
+                               match_stars, measure_psf)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SIG_PER_FWHM = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic scenes: pixel-integrated Gaussian / Moffat stars at sub-pixel positions
+# ---------------------------------------------------------------------------------------------
+def star_stamp(x, y, fwhm, kind="gauss", beta=3.0, half=None, osamp=5):
+    """Unit-flux pixel-integrated profile around (x, y); returns (x0, y0, stamp)."""
+    if half is None:
+        half = int(np.ceil(4 * fwhm))
+    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+    px = np.arange(ix - half, ix + half + 1)
+    py = np.arange(iy - half, iy + half + 1)
+    if kind == "gauss":
+        s = np.sqrt(2.0) * fwhm * SIG_PER_FWHM
+        ex, ey = px - 0.5 - x, py - 0.5 - y
+        gx = 0.5 * (erf((ex + 1) / s) - erf(ex / s))
+        gy = 0.5 * (erf((ey + 1) / s) - erf(ey / s))
+        return ix - half, iy - half, gy[:, None] * gx[None, :]
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    sub = (np.arange(osamp) + 0.5) / osamp - 0.5
+    fx = (px[:, None] + sub[None, :]).ravel() - x
+    fy = (py[:, None] + sub[None, :]).ravel() - y
+    r2 = fy[:, None] ** 2 + fx[None, :] ** 2
+    prof = (beta - 1) / (np.pi * alpha ** 2) * (1 + r2 / alpha ** 2) ** (-beta)
+    n = len(px)
+    return ix - half, iy - half, prof.reshape(n, osamp, n, osamp).mean(axis=(1, 3))
+
+
+def render(shape, xs, ys, fluxes, fwhm, kind="gauss", beta=3.0):
+    img = np.zeros(shape)
+    ny, nx = shape
+    for x, y, f in zip(xs, ys, fluxes):
+        x0, y0, st = star_stamp(x, y, fwhm, kind, beta)
+        ya, xa = max(y0, 0), max(x0, 0)
+        yb, xb = min(y0 + st.shape[0], ny), min(x0 + st.shape[1], nx)
+        if yb > ya and xb > xa:
+            img[ya:yb, xa:xb] += f * st[ya - y0:yb - y0, xa - x0:xb - x0]
+    return img
+
+
+def true_psf(size, fwhm, kind="gauss", beta=3.0):
+    c = size // 2
+    _, _, st = star_stamp(float(c), float(c), fwhm, kind, beta, half=c)
+    return st / st.sum()
+
+
+def star_field(seed, shape=(1024, 1024), n=700, flux=(10 ** 3.7, 10 ** 5.3)):
+    rng = np.random.default_rng(seed)
+    xs = rng.uniform(10, shape[1] - 10, n)
+    ys = rng.uniform(10, shape[0] - 10, n)
+    fl = 10 ** rng.uniform(np.log10(flux[0]), np.log10(flux[1]), n)
+    return rng, xs, ys, fl
+
+
+# ---------------------------------------------------------------------------------------------
+# PSF recovery
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,fwhm,seed", [("gauss", 3.0, 1), ("moffat", 4.0, 2),
+                                             ("gauss", 2.2, 3)])
+def test_estimate_psf_recovers_truth(kind, fwhm, seed):
+    shape = (768, 768)
+    rng, xs, ys, fl = star_field(seed, shape, n=350)
+    img = render(shape, xs, ys, fl, fwhm, kind) + 150.0
+    img = rng.poisson(img).astype(np.float32)  # float32 input, gain 1
+    psf, info = estimate_psf(img, gain=1.0)
+
+    n = psf.shape[0]
+    assert psf.dtype == np.float64 and psf.ndim == 2 and psf.shape[1] == n and n % 2 == 1
+    assert psf.sum() == pytest.approx(1.0, abs=1e-12)
+    assert 15 <= n <= 63
+    assert info["n_stars"] >= 50
+    truth = true_psf(n, fwhm, kind)
+    f_true, _, _ = measure_psf(truth)
+    assert info["fwhm"] == pytest.approx(f_true, rel=0.05)
+    xc, yc = info["centroid"]
+    assert abs(xc - n // 2) < 0.05 and abs(yc - n // 2) < 0.05
+    # independent check of the centre: first moment of the core
+    yy, xx = np.indices(psf.shape) - n // 2
+    core = np.hypot(xx, yy) <= fwhm
+    assert abs((psf[core] * xx[core]).sum() / psf[core].sum()) < 0.05
+    assert abs((psf[core] * yy[core]).sum() / psf[core].sum()) < 0.05
+    assert np.abs(psf - truth).sum() < 0.03
+    assert psf.min() >= 0.0
+
+
+def test_estimate_psf_size_and_min_stars():
+    shape = (400, 400)
+    rng, xs, ys, fl = star_field(5, shape, n=60, flux=(2e4, 2e5))
+    img = rng.normal(100.0, 5.0, shape) + render(shape, xs, ys, fl, 3.5)
+    psf, info = estimate_psf(img, size=25)
+    assert psf.shape == (25, 25) and info["size"] == 25
+    with pytest.raises(InputError, match="odd"):
+        estimate_psf(img, size=24)
+    with pytest.raises(ProcessingError, match="min_stars"):
+        estimate_psf(img, min_stars=500)
+
+
+def test_estimate_psf_no_stars():
+    img = np.random.default_rng(0).normal(100.0, 10.0, (256, 256))
+    cat = find_stars(img)
+    assert len(cat) == 0 and "flux" in cat.colnames
+    with pytest.raises(ProcessingError, match="PSF stars"):
+        estimate_psf(img)
+
+
+# ---------------------------------------------------------------------------------------------
+# flux ratio and astrometric noise
+# ---------------------------------------------------------------------------------------------
+def _pair(seed, sigma_ast, ratio=1.3):
+    shape = (1024, 1024)
+    rng, xs, ys, fl = star_field(seed, shape)
+    ref = rng.poisson(render(shape, xs, ys, fl, 3.0, "gauss") + 200.0).astype(float)
+    ox = rng.normal(0.0, sigma_ast, len(xs))
+    oy = rng.normal(0.0, sigma_ast, len(xs))
+    new = render(shape, xs + ox, ys + oy, ratio * fl, 4.0, "moffat", beta=3.0) + 300.0
+    new = rng.poisson(new).astype(float)
+    return find_stars(new, gain=1.0), find_stars(ref, gain=1.0)
+
+
+@pytest.fixture(scope="module")
+def misregistered_pair():
+    return _pair(11, 0.05)
+
+
+def test_flux_ratio(misregistered_pair):
+    cat_new, cat_ref = misregistered_pair
+    ratio, err, n_used = fit_flux_ratio(cat_new, cat_ref)
+    assert ratio == pytest.approx(1.3, rel=0.02)
+    assert 0 < err < 0.01
+    assert n_used >= 100
+    swapped, _, _ = fit_flux_ratio(cat_ref, cat_new)
+    assert swapped == pytest.approx(1.0 / ratio, rel=0.01)
+
+
+def test_flux_ratio_rejects_outliers(misregistered_pair):
+    cat_new, cat_ref = misregistered_pair
+    bad = cat_new.copy()
+    ia, _ = match_stars(cat_new, cat_ref)
+    hit = ia[::10]                       # 10 % of the matched stars become "variables"
+    bad["flux"][hit] *= 3.0
+    ratio, _, n_used = fit_flux_ratio(bad, cat_ref)
+    assert ratio == pytest.approx(1.3, rel=0.02)
+    assert n_used < fit_flux_ratio(cat_new, cat_ref)[2]
+
+
+def test_astrometric_sigma(misregistered_pair):
+    cat_new, cat_ref = misregistered_pair
+    sx, sy, n_used = astrometric_sigma(cat_new, cat_ref)
+    assert n_used >= 200
+    assert sx == pytest.approx(0.05, rel=0.3)
+    assert sy == pytest.approx(0.05, rel=0.3)
+    # not the median offset: a common shift changes nothing
+    shifted = cat_new.copy()
+    shifted["x"] += 0.4
+    shifted["y"] -= 0.25
+    sx2, sy2, _ = astrometric_sigma(shifted, cat_ref)
+    assert sx2 == pytest.approx(sx, rel=1e-3) and sy2 == pytest.approx(sy, rel=1e-3)
+
+
+def test_astrometric_sigma_zero_when_registered():
+    cat_new, cat_ref = _pair(12, 0.0)
+    sx, sy, _ = astrometric_sigma(cat_new, cat_ref)
+    assert sx < 0.015 and sy < 0.015
+
+
+def test_too_few_matches(misregistered_pair):
+    cat_new, cat_ref = misregistered_pair
+    far = cat_new.copy()
+    far["x"] += 50.0
+    with pytest.raises(ProcessingError, match="matched"):
+        fit_flux_ratio(far, cat_ref)
+    with pytest.raises(ProcessingError, match="matched"):
+        astrometric_sigma(far, cat_ref)
+    empty = cat_new[:0]
+    with pytest.raises(ProcessingError):
+        fit_flux_ratio(empty, cat_ref)
+    with pytest.raises(InputError, match="flux"):
+        fit_flux_ratio(Table({"x": [1.0], "y": [2.0]}), cat_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# catalogue details
+# ---------------------------------------------------------------------------------------------
+def test_find_stars_classification():
+    shape = (300, 300)
+    rng = np.random.default_rng(4)
+    img = rng.normal(1000.0, 10.0, shape)
+    stars = [(50.3, 60.7), (150.2, 150.9), (220.6, 80.1), (240.0, 230.0), (243.5, 233.0),
+             (80.0, 240.0)]
+    fl = [5e4, 6e4, 4e4, 5e4, 5e4, 4e6]          # the last one saturates
+    img += render(shape, [s[0] for s in stars], [s[1] for s in stars], fl, 3.0)
+    # an extended galaxy
+    yy, xx = np.indices(shape)
+    img += 3e4 * np.exp(-0.5 * (((xx - 120.0) / 6.0) ** 2 + ((yy - 230.0) / 4.0) ** 2)) \
+        / (2 * np.pi * 24)
+    # a cosmic-ray hit
+    img[40, 200] += 3000.0
+    saturation = 15000.0
+    img = np.minimum(img, saturation)
+    big_endian = img.astype(">f8")
+
+    cat = find_stars(big_endian, saturation=saturation)
+    assert set(cat.colnames) >= {"x", "y", "flux", "flux_err", "fwhm", "peak", "flag",
+                                 "isolated", "saturated", "star_like", "x_err", "y_err"}
+
+    def row(x, y):
+        d = np.hypot(cat["x"] - x, cat["y"] - y)
+        assert d.min() < 1.0, (x, y)
+        return cat[int(np.argmin(d))]
+
+    for x, y in stars[:3]:
+        r = row(x, y)
+        assert r["star_like"] and r["isolated"] and not r["saturated"]
+        assert abs(r["x"] - x) < 0.05 and abs(r["y"] - y) < 0.05
+        assert r["fwhm"] == pytest.approx(3.0, rel=0.15)
+    assert not row(240.0, 230.0)["isolated"] and not row(243.5, 233.0)["isolated"]
+    sat = np.hypot(cat["x"] - 80.0, cat["y"] - 240.0) < 8
+    assert sat.any() and cat["saturated"][sat].all() and not cat["star_like"][sat].any()
+    assert not row(120.0, 230.0)["star_like"]
+    assert not row(200.0, 40.0)["star_like"]
+    assert cat.meta["fwhm"] == pytest.approx(3.1, rel=0.1)
+
+
+def test_find_stars_nan_and_mask():
+    shape = (200, 200)
+    rng = np.random.default_rng(6)
+    img = rng.normal(100.0, 5.0, shape) + render(shape, [60.2, 140.7], [70.4, 130.1],
+                                                  [2e4, 2e4], 3.0)
+    img[10:20, 10:20] = np.nan
+    mask = np.zeros(shape, bool)
+    mask[125:135, 135:145] = True  # covers the second star
+    cat = find_stars(img, mask=mask)
+    assert np.all(np.isfinite(cat["flux"]))
+    assert np.hypot(cat["x"] - 60.2, cat["y"] - 70.4).min() < 0.1
+    assert np.hypot(cat["x"] - 140.7, cat["y"] - 130.1).min() > 3
+    with pytest.raises(InputError, match="mask"):
+        find_stars(img, mask=np.zeros((10, 10), bool))
+    with pytest.raises(InputError, match="2-D"):
+        find_stars(np.zeros((3, 10, 10)))
+    with pytest.raises(InputError, match="background"):
+        find_stars(img, background=np.zeros((5, 5)))
+
+
+def test_match_stars_one_to_one():
+    a = Table({"x": [10.0, 10.5, 50.0, 90.0], "y": [10.0, 10.2, 50.0, 90.0]})
+    b = np.array([[10.1, 10.1], [50.5, 49.6], [200.0, 200.0]])
+    ia, ib = match_stars(a, b, radius=2.0)
+    assert list(zip(ia, ib)) == [(0, 0), (2, 1)]
+    ia, ib = match_stars(a, b, radius=0.5)
+    assert list(zip(ia, ib)) == [(0, 0)]
+    ia, ib = match_stars(a[:0], b)
+    assert len(ia) == 0 and len(ib) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# real data
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.realdata
+@pytest.mark.skipif(not (DATA / "decam_n6" / "DEC-OBS04a.mini.fits").exists(),
+                    reason="../shared/data/decam_n6 not available")
+def test_estimate_psf_decam():
+    from astropy.io import fits
+
+    path = DATA / "decam_n6" / "DEC-OBS04a.mini.fits"
+    with fits.open(path) as hdul:
+        data = hdul[0].data.astype(np.float64)  # big-endian float64 -> native
+        hdr = hdul[0].header
+    saturation = hdr.get("ESATUR", hdr["SATURATE"])  # the cut-out is sky-subtracted
+    psf, info = estimate_psf(data, saturation=saturation, gain=hdr["GAIN"], min_stars=3)
+    assert info["n_stars"] >= 3
+    assert info["fwhm"] == pytest.approx(hdr["FWHM"], rel=0.2)
+    n = psf.shape[0]
+    assert n % 2 == 1 and psf.sum() == pytest.approx(1.0)
+    assert abs(info["centroid"][0] - n // 2) < 0.1 and abs(info["centroid"][1] - n // 2) < 0.1

@@ -1,0 +1,1146 @@
+"""Star catalogues and the quantities ZOGY estimates from stars.
+
+Everything here works on one tile or on one whole image:
+
+* :func:`find_stars` -- detection, windowed centroids, aperture photometry and
+  star/galaxy/cosmic-ray classification with `sep`;
+* :func:`estimate_psf` -- an empirical PSF stacked from bright, isolated,
+  unsaturated stars;
+* :func:`match_stars`, :func:`fit_flux_ratio`, :func:`astrometric_sigma` --
+  the flux ratio ``F_n / F_r`` and the registration noise ``(sigma_x, sigma_y)``
+  from two catalogues of the same field;
+* :func:`measure_psf` -- FWHM and centroid of a PSF array.
+
+Coordinates are 0-based pixels with the centre of pixel ``[0, 0]`` at
+``(x, y) = (0, 0)``; ``x`` is the column, ``y`` the row (sep's convention).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import sep
+from astropy.stats import mad_std, sigma_clip, sigma_clipped_stats
+from astropy.table import Table
+from scipy import ndimage, optimize
+from scipy.spatial import cKDTree
+
+from .errors import InputError, ProcessingError
+
+__all__ = [
+    "find_stars",
+    "estimate_psf",
+    "match_stars",
+    "fit_flux_ratio",
+    "astrometric_sigma",
+    "measure_psf",
+]
+
+log = logging.getLogger(__name__)
+
+_FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))  # 2.3548
+#: sep flags that make a source unusable for PSF, photometry or astrometry.
+_BAD_FLAGS = sep.OBJ_TRUNC | sep.APER_TRUNC | sep.APER_HASMASKED | sep.APER_ALLMASKED \
+    | sep.APER_NONPOSITIVE | sep.OBJ_SINGU
+_CATALOG_COLUMNS = ("x", "y", "x_err", "y_err", "flux", "flux_err", "snr", "fwhm", "a", "b",
+                    "theta", "ellipticity", "peak", "npix", "flag", "isolated", "saturated",
+                    "star_like")
+
+
+# ----------------------------------------------------------------------------------------------
+# input handling
+# ----------------------------------------------------------------------------------------------
+def _as_image(image, name: str = "image") -> np.ndarray:
+    """Return ``image`` as a C-contiguous native-endian float32/float64 2-D array."""
+    arr = np.asarray(image)
+    if arr.ndim != 2 or arr.size == 0:
+        raise InputError(f"{name} must be a non-empty 2-D array (got shape {arr.shape}); "
+                         "pass one image plane")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+            or arr.dtype == np.bool_):
+        raise InputError(f"{name} has dtype {arr.dtype}; pass a real-valued (float or integer) "
+                         "array")
+    dtype = np.float32 if arr.dtype.kind == "f" and arr.dtype.itemsize == 4 else np.float64
+    # also converts big-endian FITS data to native byte order
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _as_plane(value, shape, name: str, *, positive: bool = False):
+    """A scalar or an array of ``shape`` as float (scalar) or native float array."""
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        v = float(arr)
+        if not np.isfinite(v) or (positive and v <= 0):
+            raise InputError(f"{name}={v!r} must be a finite{' positive' if positive else ''} "
+                             "number or an array of the image shape")
+        return v
+    if arr.shape != tuple(shape):
+        raise InputError(f"{name} has shape {arr.shape} but the image has {tuple(shape)}; "
+                         "pass a scalar or an array of the image shape")
+    return np.ascontiguousarray(arr, dtype=np.float32 if arr.dtype == np.float32 else np.float64)
+
+
+def _as_mask(mask, shape) -> np.ndarray | None:
+    if mask is None:
+        return None
+    arr = np.asarray(mask)
+    if arr.shape != tuple(shape):
+        raise InputError(f"mask has shape {arr.shape} but the image has {tuple(shape)}; "
+                         "pass a boolean array of the image shape (True = bad)")
+    return arr.astype(bool, copy=False)
+
+
+def _check_number(name, value, *, minimum=None, integer=False):
+    try:
+        ok = np.isfinite(value) and (minimum is None or value >= minimum)
+        if integer:
+            ok = ok and int(value) == value
+    except TypeError:
+        ok = False
+    if not ok:
+        what = "an integer" if integer else "a number"
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise InputError(f"{name}={value!r} is invalid; pass {what}{bound}")
+
+
+class _Prepared:
+    """Background-subtracted image, bad-pixel masks and noise of one image."""
+
+    __slots__ = ("sub", "bad", "sat", "rms", "rms_scalar")
+
+    def __init__(self, sub, bad, sat, rms, rms_scalar):
+        self.sub, self.bad, self.sat, self.rms, self.rms_scalar = sub, bad, sat, rms, rms_scalar
+
+
+def _sep_background(data, bad):
+    ny, nx = data.shape
+    try:
+        return sep.Background(data, mask=bad, bw=min(64, nx), bh=min(64, ny), fw=3, fh=3)
+    except Exception as exc:  # sep raises plain Exceptions
+        raise ProcessingError(f"sep could not estimate the background: {exc}") from exc
+
+
+def _source_mask(data, bkg, bad, sat, threshold):
+    """Pixels of detected sources, dilated by a disk of radius ~1 FWHM (or None)."""
+    sub = data - bkg.back()
+    sub[bad & ~sat] = 0.0
+    objs, seg = _extract(sub, threshold, bkg.rms(), bad, 5, segmentation=True)
+    if len(objs) == 0:
+        return None
+    bright = objs["flux"] >= np.median(objs["flux"])
+    rh, _ = sep.flux_radius(sub, objs["x"][bright], objs["y"][bright],
+                            np.clip(6.0 * objs["a"][bright], 4.0, 60.0), 0.5, mask=bad)
+    rh = rh[np.isfinite(rh) & (rh > 0)]
+    radius = float(np.clip(2.0 * np.median(rh), 1.5, 30.0)) if len(rh) else 3.0
+    r = int(np.ceil(radius))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return ndimage.binary_dilation(seg > 0, structure=(xx * xx + yy * yy) <= radius * radius)
+
+
+def _prepare(image, *, background, rms, saturation, mask, mask_sources=False,
+             threshold=10.0) -> _Prepared:
+    data = _as_image(image)
+    shape = data.shape
+    background = _as_plane(background, shape, "background")
+    rms = _as_plane(rms, shape, "rms", positive=True)
+    user_mask = _as_mask(mask, shape)
+
+    finite = np.isfinite(data)
+    bad = ~finite
+    if user_mask is not None:
+        bad |= user_mask
+    if saturation is not None:
+        _check_number("saturation", saturation)
+        with np.errstate(invalid="ignore"):
+            sat = finite & (data >= saturation)
+        bad |= sat
+    else:
+        sat = np.zeros(shape, dtype=bool)
+    if not finite.all():
+        data = np.where(finite, data, 0).astype(data.dtype, copy=False)
+    if bad.all():
+        raise ProcessingError("every pixel of the image is masked, NaN or saturated; "
+                              "check the mask and the saturation level")
+
+    if background is None or rms is None:
+        bkg = _sep_background(data, bad)
+        if mask_sources:
+            # second pass with the sources masked: star light biases the mesh modes
+            srcmask = _source_mask(data, bkg, bad, sat, threshold)
+            if srcmask is not None:
+                srcmask |= bad
+                if srcmask.mean() < 0.8:
+                    bkg = _sep_background(data, srcmask)
+                else:
+                    log.warning("sources cover %.0f%% of the image; background estimated "
+                                "without masking them", 100 * srcmask.mean())
+        if background is None:
+            background = bkg.back()
+        if rms is None:
+            rms = bkg.rms()
+            if not np.all(np.isfinite(rms)) or np.any(rms <= 0):
+                good = np.isfinite(rms) & (rms > 0)
+                if not good.any():
+                    raise ProcessingError("the background noise of the image is zero or "
+                                          "undefined; pass rms= explicitly")
+                rms = np.where(good, rms, np.median(rms[good])).astype(rms.dtype)
+    sub = data - background
+    sub[bad & ~sat] = 0.0
+    sub = np.ascontiguousarray(sub)
+    rms_scalar = float(rms) if np.ndim(rms) == 0 else float(np.median(rms))
+    return _Prepared(sub, bad, sat, rms, rms_scalar)
+
+
+# ----------------------------------------------------------------------------------------------
+# detection and measurement
+# ----------------------------------------------------------------------------------------------
+def _extract(sub, threshold, rms, bad, minarea, segmentation=False):
+    kwargs = dict(err=rms, mask=bad, minarea=minarea, deblend_cont=0.005,
+                  segmentation_map=segmentation)
+    try:
+        return sep.extract(sub, threshold, **kwargs)
+    except Exception as exc:  # sep signals buffer overflows with a plain Exception
+        if "buffer full" not in str(exc):
+            raise ProcessingError(f"sep.extract failed: {exc}") from exc
+    # Crowded or large image: sep's active-pixel stack (a process-wide setting) overflowed.
+    old = sep.get_extract_pixstack()
+    new = max(old * 10, sub.size // 4)
+    log.warning("sep pixel stack (%d) overflowed; raising it to %d for this process", old, new)
+    sep.set_extract_pixstack(new)
+    try:
+        return sep.extract(sub, threshold, **kwargs)
+    except Exception as exc:
+        raise ProcessingError(f"sep.extract failed even with a pixel stack of {new}: {exc}; "
+                              "raise threshold= or process the image in tiles") from exc
+
+
+def _window_errors(sub, var, bad, x, y, sig, budget=4_000_000):
+    """Positional errors of windowed centroids (Source Extractor's ERRX2WIN formula).
+
+    ``err_x^2 = 4 sum(w^2 var (x - xc)^2) / (sum(w I))^2`` with the Gaussian window
+    ``w`` of sigma ``sig`` truncated at ``4 sig``; the same for ``y``.
+    """
+    n = len(x)
+    ex = np.full(n, np.nan)
+    ey = np.full(n, np.nan)
+    if n == 0:
+        return ex, ey
+    ny, nx = sub.shape
+    halves = np.ceil(4.0 * sig).astype(np.intp)
+    chunks = []  # (indices, half): stars with the same box size, <= budget pixels per chunk
+    for half in np.unique(halves):
+        members = np.nonzero(halves == half)[0]
+        step = max(1, budget // (2 * int(half) + 1) ** 2)
+        chunks += [(members[i:i + step], int(half)) for i in range(0, len(members), step)]
+    for sl, half in chunks:
+        off = np.arange(-half, half + 1)
+        cx = np.rint(x[sl]).astype(np.intp)
+        cy = np.rint(y[sl]).astype(np.intp)
+        xx = cx[:, None, None] + off[None, None, :]
+        yy = cy[:, None, None] + off[None, :, None]
+        inside = (xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny)
+        xi = np.clip(xx, 0, nx - 1)
+        yi = np.clip(yy, 0, ny - 1)
+        img = sub[yi, xi].astype(np.float64)
+        v = var[yi, xi] if np.ndim(var) == 2 else np.full(img.shape, float(var))
+        good = inside & ~bad[yi, xi]
+        ddx = xx - x[sl, None, None]
+        ddy = yy - y[sl, None, None]
+        r2 = ddx * ddx + ddy * ddy
+        sg = sig[sl, None, None]
+        w = np.exp(-0.5 * r2 / (sg * sg)) * ((r2 < 16.0 * sg * sg) & good)
+        norm = np.sum(w * img, axis=(1, 2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ex[sl] = np.sqrt(4.0 * np.sum(w * w * v * ddx * ddx, axis=(1, 2))) / np.abs(norm)
+            ey[sl] = np.sqrt(4.0 * np.sum(w * w * v * ddy * ddy, axis=(1, 2))) / np.abs(norm)
+    ex[~np.isfinite(ex)] = np.nan
+    ey[~np.isfinite(ey)] = np.nan
+    return ex, ey
+
+
+def _stellar_locus(fwhm, snr, ok) -> float:
+    """Typical FWHM of point sources: clipped median of the well-measured sources."""
+    sel = ok & np.isfinite(fwhm) & (fwhm > 0)
+    bright = sel & (snr >= 20)
+    if bright.sum() >= 5:
+        sel = bright
+    if not sel.any():
+        return float("nan")
+    vals = fwhm[sel]
+    if len(vals) < 3:
+        return float(np.median(vals))
+    _, med, _ = sigma_clipped_stats(vals, sigma=2.5, maxiters=10)
+    return float(med)
+
+
+def _measure(prep: _Prepared, *, threshold, gain, minarea, isolation_radius) -> Table:
+    sub, bad, rms = prep.sub, prep.bad, prep.rms
+    objs = _extract(sub, threshold, rms, bad, minarea)
+    n = len(objs)
+    log.debug("sep found %d sources above %.3g sigma", n, threshold)
+    if n == 0:
+        tab = Table({c: np.zeros(0, dtype=bool if c in ("isolated", "saturated", "star_like")
+                                 else (np.int32 if c in ("npix", "flag") else np.float64))
+                     for c in _CATALOG_COLUMNS})
+        tab.meta.update(fwhm=float("nan"), aperture_radius=float("nan"),
+                        aperture_correction=float("nan"), background_rms=prep.rms_scalar,
+                        threshold=float(threshold))
+        return tab
+
+    x0 = objs["x"].astype(np.float64)
+    y0 = objs["y"].astype(np.float64)
+    a = objs["a"].astype(np.float64)
+    b = objs["b"].astype(np.float64)
+    flag = objs["flag"].astype(np.int32)
+
+    # Half-light radius -> Gaussian-equivalent FWHM (= 2 r_half for a Gaussian).
+    rmax = np.clip(6.0 * a, 4.0, 60.0)
+    rhalf, _ = sep.flux_radius(sub, x0, y0, rmax, 0.5, mask=bad, subpix=5)
+    rhalf = np.where(np.isfinite(rhalf) & (rhalf > 0), rhalf, np.maximum(a, 0.5))
+    fwhm = 2.0 * rhalf
+
+    # Windowed centroids (XWIN/YWIN with Source Extractor's choice of window).
+    sig = np.clip(2.0 * rhalf / _FWHM_PER_SIGMA, 0.5, 20.0)
+    xw, yw, wflag = sep.winpos(sub, x0, y0, sig, mask=bad)
+    wok = (wflag == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - x0, yw - y0) < 2.0)
+    x = np.where(wok, xw, x0)
+    y = np.where(wok, yw, y0)
+
+    # Aperture photometry in one common aperture of ~2 x FWHM (radius).
+    ellip = 1.0 - b / np.where(a > 0, a, 1.0)
+    base_ok = (flag & (sep.OBJ_TRUNC | sep.OBJ_SINGU)) == 0
+    prelim_snr = objs["flux"] / (prep.rms_scalar * np.sqrt(np.maximum(objs["npix"], 1)))
+    locus = _stellar_locus(fwhm, prelim_snr, base_ok & (ellip < 0.3))
+    if not np.isfinite(locus):
+        locus = float(np.median(fwhm))
+    r_ap = max(2.0 * locus, 2.0)
+    var = rms * rms if np.ndim(rms) == 0 else (np.asarray(rms, np.float64) ** 2)
+    flux, flux_err, aflag = sep.sum_circle(sub, x, y, r_ap, err=rms, mask=bad, gain=gain,
+                                           subpix=5)
+    flag = flag | aflag.astype(np.int32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = np.where(flux_err > 0, flux / flux_err, 0.0)
+
+    # Centroid errors of the windowed positions.
+    pix_var = var
+    if gain is not None:
+        pix_var = var + np.clip(sub, 0, None) / gain
+    x_err, y_err = _window_errors(sub, pix_var, bad, x, y, sig)
+
+    # Saturation: any saturated pixel inside the aperture.
+    if prep.sat.any():
+        nsat, _, _ = sep.sum_circle(prep.sat.astype(np.float32), x, y, r_ap, subpix=1)
+        saturated = nsat > 0
+    else:
+        saturated = np.zeros(n, dtype=bool)
+
+    # Isolation: no other detection within isolation_radius, and not deblended from a blend.
+    r_iso = 2.0 * r_ap if isolation_radius is None else float(isolation_radius)
+    if n > 1:
+        dist, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=2)
+        nearest = dist[:, 1]
+    else:
+        nearest = np.full(n, np.inf)
+    isolated = (nearest > r_iso) & ((flag & sep.OBJ_MERGED) == 0)
+
+    # Point-source-like: on the stellar FWHM locus, round, cleanly measured.
+    star_like = ((flag & _BAD_FLAGS) == 0) & (np.abs(fwhm / locus - 1.0) < 0.25) \
+        & (ellip < 0.3) & ~saturated
+
+    apcorr = _aperture_correction(sub, bad, x, y, flux, snr, flag, r_ap,
+                                  star_like & isolated)
+
+    tab = Table()
+    tab["x"] = x
+    tab["y"] = y
+    tab["x_err"] = x_err
+    tab["y_err"] = y_err
+    tab["flux"] = np.asarray(flux, np.float64)
+    tab["flux_err"] = np.asarray(flux_err, np.float64)
+    tab["snr"] = np.asarray(snr, np.float64)
+    tab["fwhm"] = fwhm
+    tab["a"] = a
+    tab["b"] = b
+    tab["theta"] = objs["theta"].astype(np.float64)
+    tab["ellipticity"] = ellip
+    tab["peak"] = objs["peak"].astype(np.float64)
+    tab["npix"] = objs["npix"].astype(np.int32)
+    tab["flag"] = flag
+    tab["isolated"] = isolated
+    tab["saturated"] = saturated
+    tab["star_like"] = star_like
+    tab.meta.update(fwhm=locus, aperture_radius=r_ap, aperture_correction=apcorr,
+                    background_rms=prep.rms_scalar, threshold=float(threshold))
+    return tab
+
+
+def _aperture_correction(sub, bad, x, y, flux, snr, flag, r_ap, candidates) -> float:
+    """Median fraction of a star's flux (within ``2 r_ap``) that falls in ``r_ap``.
+
+    Measured on bright, isolated, point-like stars; NaN when fewer than three.
+    """
+    sel = candidates & ((flag & _BAD_FLAGS) == 0) & (snr >= 50)
+    if sel.sum() < 3:
+        sel = candidates & ((flag & _BAD_FLAGS) == 0) & (snr >= 20)
+    if sel.sum() < 3:
+        return float("nan")
+    order = np.argsort(-flux[sel])[:500]
+    xs, ys, fa = x[sel][order], y[sel][order], flux[sel][order]
+    fb, _, fbflag = sep.sum_circle(sub, xs, ys, 2.0 * r_ap, mask=bad, subpix=5)
+    ok = ((fbflag & _BAD_FLAGS) == 0) & (fb > 0)
+    if ok.sum() < 3:
+        return float("nan")
+    _, med, _ = sigma_clipped_stats(fa[ok] / fb[ok], sigma=3.0, maxiters=10)
+    return float(med) if np.isfinite(med) and med > 0 else float("nan")
+
+
+def find_stars(image, *, background=None, rms=None, saturation=None, threshold=10.0,
+               mask=None, gain=None, minarea=5, isolation_radius=None,
+               mask_sources=True) -> Table:
+    """Detect and measure sources with sep and classify the point sources.
+
+    Parameters
+    ----------
+    image : array_like, 2-D
+        Image in its native units, background *not* subtracted (unless
+        ``background=0`` is passed). Big-endian FITS data are converted.
+    background : float or ndarray, optional
+        Background level (scalar or map). Default: ``sep.Background`` with
+        64-pixel meshes and a 3x3 median filter (see ``mask_sources``).
+    rms : float or ndarray, optional
+        Background noise (scalar or map), same units as ``image``. Default: the
+        ``sep.Background`` RMS map.
+    saturation : float, optional
+        Saturation level in the units of ``image`` (before background
+        subtraction). Pixels ``>= saturation`` are masked for detection, and a
+        source with any such pixel in its aperture is flagged ``saturated``.
+    threshold : float, optional
+        Per-pixel detection threshold in units of ``rms`` (sep's ``thresh``);
+        sources also need ``minarea`` connected pixels above it. The default of
+        10 keeps bright sources only, which is what the estimators want.
+    mask : ndarray of bool, optional
+        True for bad pixels; they are ignored for detection and photometry.
+    gain : float, optional
+        Electrons per image unit; when given, source Poisson noise enters
+        ``flux_err`` and the centroid errors.
+    minarea : int, optional
+        Minimum number of connected pixels above ``threshold``.
+    isolation_radius : float, optional
+        A source is ``isolated`` when no other detection lies within this
+        radius (pixels) and sep did not deblend it from a blend. Default:
+        twice the aperture radius (about 4 x FWHM).
+    mask_sources : bool, optional
+        When the background is estimated here, estimate it a second time with
+        the detected sources (dilated by ~1 FWHM) masked. Star light otherwise
+        biases the mesh modes upwards in crowded fields (by ~1 % of the flux of
+        typical stars in a test field), which biases aperture fluxes and the
+        flux ratio. Costs one more background and extraction pass.
+
+    Returns
+    -------
+    astropy.table.Table
+        One row per source with columns ``x, y`` (windowed centroids, 0-based
+        pixels; x = column), ``x_err, y_err`` (their 1-sigma errors, Source
+        Extractor's ERRX2WIN formula), ``flux, flux_err, snr`` (circular
+        aperture of radius ``2 x`` the stellar FWHM), ``fwhm`` (twice the
+        half-light radius, i.e. the FWHM for a Gaussian), ``a, b, theta,
+        ellipticity`` (isophotal shape), ``peak`` (background-subtracted),
+        ``npix``, ``flag`` (sep object and aperture flags OR-ed), and the
+        booleans ``isolated``, ``saturated``, ``star_like`` (FWHM within 25 %
+        of the stellar locus, ellipticity < 0.3, clean flags, unsaturated).
+        ``meta`` holds ``fwhm`` (stellar locus), ``aperture_radius``,
+        ``aperture_correction`` (median fraction of a bright isolated star's
+        flux within twice that radius that falls in the aperture; NaN if
+        fewer than 3 such stars), ``background_rms`` and ``threshold``. An
+        image without sources gives an empty table with these columns.
+
+    Raises
+    ------
+    InputError
+        ``image`` is not 2-D real data, or ``background``/``rms``/``mask``
+        do not match its shape, or a numeric option is invalid.
+    ProcessingError
+        Every pixel is masked, or sep cannot measure the background or
+        extract sources.
+
+    Notes
+    -----
+    If sep's process-wide pixel stack overflows (very crowded or very large
+    images) it is raised once, tenfold, and the extraction repeated.
+    """
+    _check_number("threshold", threshold, minimum=0)
+    _check_number("minarea", minarea, minimum=1, integer=True)
+    if gain is not None:
+        _check_number("gain", gain, minimum=0)
+        if gain <= 0:
+            raise InputError(f"gain={gain!r} must be positive (electrons per image unit)")
+    prep = _prepare(image, background=background, rms=rms, saturation=saturation, mask=mask,
+                    mask_sources=mask_sources, threshold=float(threshold))
+    return _measure(prep, threshold=float(threshold), gain=gain, minarea=int(minarea),
+                    isolation_radius=isolation_radius)
+
+
+# ----------------------------------------------------------------------------------------------
+# PSF measures
+# ----------------------------------------------------------------------------------------------
+def _fourier_shift(img: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """Shift ``img`` by ``(+dx, +dy)`` pixels with a band-limited (Fourier) shift."""
+    spec = np.fft.rfft2(img)
+    ny, nx = img.shape
+    ky = np.fft.fftfreq(ny)[:, None]
+    kx = np.fft.rfftfreq(nx)[None, :]
+    phase = np.exp(-2j * np.pi * (ky * dy + kx * dx))
+    if nx % 2 == 0:  # keep the Nyquist column real so the shift stays real
+        phase[:, -1] = np.cos(2 * np.pi * (ky[:, 0] * dy + 0.5 * dx))
+    if ny % 2 == 0:
+        phase[ny // 2, :] = np.real(phase[ny // 2, :])
+    return np.fft.irfft2(spec * phase, s=img.shape)
+
+
+def _profile_fwhm(psf: np.ndarray, xc: float, yc: float) -> float:
+    """FWHM from the azimuthally averaged, spline-interpolated profile about (xc, yc)."""
+    half = min(psf.shape) / 2.0
+    radii = np.arange(0.0, half, 0.02)
+    theta = np.linspace(0.0, 2 * np.pi, 48, endpoint=False)
+    xs = xc + radii[:, None] * np.cos(theta)[None, :]
+    ys = yc + radii[:, None] * np.sin(theta)[None, :]
+    vals = ndimage.map_coordinates(psf, [ys.ravel(), xs.ravel()], order=3, mode="constant")
+    prof = vals.reshape(xs.shape).mean(axis=1)
+    peak = prof[0]
+    if not peak > 0:
+        return float("nan")
+    below = np.nonzero(prof < 0.5 * peak)[0]
+    if len(below) == 0:
+        return float("nan")
+    i = below[0]
+    r0, r1, p0, p1 = radii[i - 1], radii[i], prof[i - 1], prof[i]
+    r_half = r0 + (p0 - 0.5 * peak) * (r1 - r0) / (p0 - p1)
+    return float(2.0 * r_half)
+
+
+def measure_psf(psf) -> tuple[float, float, float]:
+    """FWHM and centroid of a PSF image.
+
+    Parameters
+    ----------
+    psf : array_like, 2-D
+        PSF image (any normalisation, background zero).
+
+    Returns
+    -------
+    fwhm : float
+        Full width at half maximum in pixels, from the azimuthally averaged
+        cubic-spline-interpolated radial profile about the centroid (exact for
+        any circular profile, not just a Gaussian; NaN if it cannot be found).
+    x, y : float
+        Windowed centroid (Source Extractor's XWIN/YWIN via ``sep.winpos``,
+        window sigma = FWHM / 2.3548), 0-based pixels. A centred PSF gives
+        ``(size // 2, size // 2)``.
+
+    Raises
+    ------
+    InputError
+        ``psf`` is not a 2-D finite array with a positive sum.
+    """
+    p = _as_image(psf, "psf").astype(np.float64)
+    if not np.all(np.isfinite(p)) or not p.sum() > 0:
+        raise InputError("psf must be finite with a positive sum; pass a valid PSF image")
+    ny, nx = p.shape
+    pos = np.clip(p, 0, None)
+    # start: first moment of the positive part, then refine with the windowed centroid
+    yy, xx = np.indices(p.shape)
+    x1 = float((pos * xx).sum() / pos.sum())
+    y1 = float((pos * yy).sum() / pos.sum())
+    fwhm = _profile_fwhm(p, x1, y1)
+    sig = max((fwhm if np.isfinite(fwhm) else 2.0) / _FWHM_PER_SIGMA, 0.5)
+    for _ in range(2):
+        xw, yw, f = sep.winpos(np.ascontiguousarray(pos), np.array([x1]), np.array([y1]),
+                               np.array([sig]))
+        if f[0] == 0 and np.isfinite(xw[0]) and np.isfinite(yw[0]):
+            x1, y1 = float(xw[0]), float(yw[0])
+        fwhm = _profile_fwhm(p, x1, y1)
+        if not np.isfinite(fwhm):
+            break
+        sig = max(fwhm / _FWHM_PER_SIGMA, 0.5)
+    return fwhm, x1, y1
+
+
+def _recentre(psf: np.ndarray, *, tolerance: float = 0.2) -> tuple[np.ndarray, float, float]:
+    """Shift ``psf`` so that its centroid is the centre pixel if it is off by > tolerance."""
+    c = psf.shape[0] // 2
+    _, xc, yc = measure_psf(psf)
+    if np.hypot(xc - c, yc - c) > tolerance:
+        log.debug("re-centring PSF by (%.3f, %.3f) px", c - xc, c - yc)
+        psf = np.clip(_fourier_shift(psf, c - xc, c - yc), 0, None)
+        psf /= psf.sum()
+        _, xc, yc = measure_psf(psf)
+    return psf, xc, yc
+
+
+# ----------------------------------------------------------------------------------------------
+# PSF estimation
+# ----------------------------------------------------------------------------------------------
+def _odd(n: float) -> int:
+    n = int(round(n))
+    return n if n % 2 == 1 else n + 1
+
+
+def _check_catalog(cat, name, required):
+    cols = getattr(cat, "colnames", None)
+    if cols is None and isinstance(cat, Mapping):
+        cols = list(cat.keys())
+    if cols is None:
+        raise InputError(f"{name} must be a table with columns {', '.join(required)}; "
+                         "pass the output of find_stars()")
+    missing = [c for c in required if c not in cols]
+    if missing:
+        raise InputError(f"{name} lacks column(s) {', '.join(missing)}; pass the output of "
+                         "find_stars()")
+
+
+def _clean_wings(psf, err, fwhm):
+    """Zero the wings beyond the radius where the profile sinks into the noise.
+
+    ``err`` is the per-pixel standard error of the stack. The cut radius is the
+    first 1-px annulus (beyond 1.5 FWHM) whose mean falls below the typical
+    per-pixel error there; a cosine taper of width max(2 px, 0.25 r_cut) ends
+    at r_cut, and negative values are clipped.
+    """
+    n = psf.shape[0]
+    c = n // 2
+    yy, xx = np.indices(psf.shape)
+    r = np.hypot(xx - c, yy - c)
+    r_edge = float(c)
+    r_min = min(1.5 * fwhm, r_edge)
+    r_cut = r_edge
+    for k in range(int(np.ceil(r_min)), int(r_edge) + 1):
+        ring = (r >= k - 0.5) & (r < k + 0.5)
+        if not ring.any():
+            continue
+        if np.mean(psf[ring]) < np.median(err[ring]):
+            r_cut = float(k)
+            break
+    width = max(2.0, 0.25 * r_cut)
+    r0 = r_cut - width
+    taper = np.where(r <= r0, 1.0,
+                     np.where(r >= r_cut, 0.0,
+                              np.cos(0.5 * np.pi * (r - r0) / width) ** 2))
+    return np.clip(psf, 0, None) * taper, r_cut
+
+
+def _stack(stamps):
+    """Sigma-clipped mean and per-pixel standard error of normalised stamps."""
+    clipped = sigma_clip(stamps, sigma=3.0, maxiters=5, axis=0, cenfunc="median",
+                         stdfunc="mad_std")
+    mean = clipped.mean(axis=0).filled(np.nan)
+    med = np.median(stamps, axis=0)
+    mean = np.where(np.isfinite(mean), mean, med)
+    cnt = np.maximum(clipped.count(axis=0), 1)
+    std = mad_std(stamps, axis=0)
+    err = std / np.sqrt(cnt)
+    return mean, err
+
+
+def estimate_psf(image, *, size=None, saturation=None, mask=None, stars=None, min_stars=5,
+                 max_stars=200, threshold=10.0, snr_min=20.0, background=None, rms=None,
+                 gain=None, mask_sources=True) -> tuple[np.ndarray, dict]:
+    """Estimate the PSF of an image (or tile) by stacking bright isolated stars.
+
+    Stars are taken from ``stars`` (or :func:`find_stars`): unsaturated,
+    isolated, ``star_like``, cleanly measured, ``snr >= snr_min``, with the
+    whole stamp inside the image and free of masked pixels; the brightest
+    ``max_stars`` are used. Each stamp is shifted (Fourier shift) so that the
+    star's windowed centroid lands on the centre pixel, normalised by its flux
+    in an aperture of radius 2 x FWHM, and the stack is combined with a
+    per-pixel 3-sigma-clipped mean. Stars whose residual from the stack is an
+    outlier (blends, cosmic rays, galaxies) are dropped and the stack redone.
+    The wings are then set to zero beyond the radius where the azimuthal
+    profile falls below the per-pixel noise of the stack (cosine taper, negative
+    values clipped), the result is normalised to unit sum and re-centred with a
+    Fourier shift if its centroid is more than 0.2 px from the centre pixel.
+
+    Parameters
+    ----------
+    image : array_like, 2-D
+        Image, background not subtracted (see :func:`find_stars`).
+    size : int, optional
+        Odd side of the PSF array. Default: ``6 x FWHM`` of the selected stars,
+        made odd and clipped to [15, 63] (and to what the image can hold).
+    saturation : float, optional
+        Saturation level in image units.
+    mask : ndarray of bool, optional
+        True for bad pixels.
+    stars : astropy.table.Table, optional
+        A catalogue from :func:`find_stars` of this image; detected if omitted.
+    min_stars : int, optional
+        Fewest stars accepted.
+    max_stars : int, optional
+        At most this many (the brightest) stars are stacked.
+    threshold : float, optional
+        Detection threshold passed to :func:`find_stars`.
+    snr_min : float, optional
+        Minimum aperture S/N of a PSF star.
+    background, rms, gain, mask_sources : optional
+        As in :func:`find_stars` (they also define the background subtracted
+        from the stamps).
+
+    Returns
+    -------
+    psf : ndarray
+        float64, odd square, unit sum, centred on pixel ``(size // 2, size // 2)``.
+    info : dict
+        ``n_stars`` (stacked), ``n_candidates``, ``fwhm`` (of the returned PSF,
+        see :func:`measure_psf`), ``fwhm_stars`` (median of the stars),
+        ``centroid`` (x, y) of the returned PSF, ``size``, ``cut_radius`` (px,
+        where the wings were zeroed) and ``indices`` (rows of the catalogue
+        used).
+
+    Raises
+    ------
+    InputError
+        Invalid image, mask, catalogue or options (e.g. even ``size``).
+    ProcessingError
+        Fewer than ``min_stars`` usable stars.
+    """
+    _check_number("min_stars", min_stars, minimum=1, integer=True)
+    _check_number("max_stars", max_stars, minimum=1, integer=True)
+    _check_number("snr_min", snr_min)
+    if size is not None:
+        if not isinstance(size, (int, np.integer)) or size < 3 or size % 2 == 0:
+            raise InputError(f"size={size!r} must be an odd integer >= 3 (PSF arrays have odd "
+                             "sides)")
+    _check_number("threshold", threshold, minimum=0)
+    prep = _prepare(image, background=background, rms=rms, saturation=saturation, mask=mask,
+                    mask_sources=mask_sources, threshold=float(threshold))
+    if stars is None:
+        stars = _measure(prep, threshold=float(threshold), gain=gain, minarea=5,
+                         isolation_radius=None)
+    else:
+        _check_catalog(stars, "stars", ("x", "y", "flux", "snr", "fwhm", "flag", "isolated",
+                                        "saturated", "star_like"))
+    sub, bad = prep.sub, prep.bad
+    ny, nx = sub.shape
+    margin = 3
+
+    x = np.asarray(stars["x"], np.float64)
+    y = np.asarray(stars["y"], np.float64)
+    fw = np.asarray(stars["fwhm"], np.float64)
+    snr = np.asarray(stars["snr"], np.float64)
+    flux = np.asarray(stars["flux"], np.float64)
+    good = (np.asarray(stars["star_like"], bool) & np.asarray(stars["isolated"], bool)
+            & ~np.asarray(stars["saturated"], bool)
+            & ((np.asarray(stars["flag"]) & _BAD_FLAGS) == 0)
+            & (snr >= snr_min) & (flux > 0) & np.isfinite(x) & np.isfinite(y))
+    if good.sum() == 0:
+        raise ProcessingError(f"no usable PSF stars (of {len(stars)} sources: need bright, "
+                              "unsaturated, isolated point sources); check saturation=, "
+                              "lower threshold= or snr_min=")
+    fwhm_stars = float(np.median(fw[good]))
+    if size is None:
+        size = int(np.clip(_odd(6.0 * fwhm_stars), 15, 63))
+        limit = min(ny, nx) - 2 * margin - 2
+        if size > limit:
+            size = limit if limit % 2 == 1 else limit - 1
+            if size < 3:
+                raise ProcessingError(f"image of shape {(ny, nx)} is too small for a PSF "
+                                      "stamp; use a larger tile")
+            log.warning("PSF size reduced to %d to fit the %dx%d image", size, ny, nx)
+    half = size // 2 + margin
+    cx = np.rint(x).astype(np.intp)
+    cy = np.rint(y).astype(np.intp)
+    inside = (cx - half >= 0) & (cx + half < nx) & (cy - half >= 0) & (cy + half < ny)
+    good &= inside
+    idx = np.nonzero(good)[0]
+    # no bad pixels in the stamp
+    idx = np.array([i for i in idx
+                    if not bad[cy[i] - half:cy[i] + half + 1, cx[i] - half:cx[i] + half + 1].any()],
+                   dtype=np.intp)
+    n_candidates = len(idx)
+    if n_candidates < min_stars:
+        raise ProcessingError(f"only {n_candidates} usable PSF stars (min_stars={min_stars}); "
+                              "use a larger image or tile, lower threshold=/snr_min=/"
+                              "min_stars=, or pass a PSF")
+    idx = idx[np.argsort(-flux[idx])][:max_stars]
+
+    c = size // 2
+    yy, xx = np.indices((size, size))
+    rr = np.hypot(xx - c, yy - c)
+    ap = rr <= min(2.0 * fwhm_stars, c)
+    stamps = np.empty((len(idx), size, size))
+    keep = np.ones(len(idx), bool)
+    for k, i in enumerate(idx):
+        big = sub[cy[i] - half:cy[i] + half + 1, cx[i] - half:cx[i] + half + 1].astype(np.float64)
+        shifted = _fourier_shift(big, cx[i] - x[i], cy[i] - y[i])
+        st = shifted[margin:margin + size, margin:margin + size]
+        f = st[ap].sum()
+        if not f > 0:
+            keep[k] = False
+            continue
+        stamps[k] = st / f
+    stamps, idx = stamps[keep], idx[keep]
+
+    psf, err = _stack(stamps)
+    if len(idx) >= max(min_stars, 5):
+        core = rr <= max(1.5 * fwhm_stars, 2.0)
+        scale = np.sum(psf[core] ** 2)
+        resid = np.array([np.sum((s[core] - psf[core]) ** 2) / scale for s in stamps])
+        med = np.median(resid)
+        cut = med + 5.0 * max(mad_std(resid), 0.05 * med)
+        ok = resid <= cut
+        if (~ok).any() and ok.sum() >= min_stars:
+            log.debug("dropping %d of %d PSF stars with outlying residuals", (~ok).sum(), len(ok))
+            stamps, idx = stamps[ok], idx[ok]
+            psf, err = _stack(stamps)
+
+    psf, r_cut = _clean_wings(psf, err, fwhm_stars)
+    total = psf.sum()
+    if not total > 0:
+        raise ProcessingError("the stacked PSF has no positive flux; check the star catalogue")
+    psf = psf / total
+    psf, xc, yc = _recentre(psf)
+    fwhm, _, _ = measure_psf(psf)
+    info = dict(n_stars=int(len(idx)), n_candidates=int(n_candidates), fwhm=float(fwhm),
+                fwhm_stars=fwhm_stars, centroid=(float(xc), float(yc)), size=int(size),
+                cut_radius=float(r_cut), indices=idx)
+    log.info("PSF from %d stars: size %d, FWHM %.2f px, centroid offset (%.3f, %.3f)",
+             len(idx), size, fwhm, xc - c, yc - c)
+    return psf, info
+
+
+# ----------------------------------------------------------------------------------------------
+# matching, flux ratio, astrometric noise
+# ----------------------------------------------------------------------------------------------
+def _xy(cat, name) -> np.ndarray:
+    if isinstance(cat, np.ndarray) and cat.dtype.names is None:
+        arr = np.asarray(cat, np.float64)
+        if arr.ndim != 2 or arr.shape[1] != 2:
+            raise InputError(f"{name} as an array must have shape (N, 2) holding x, y")
+        return arr
+    _check_catalog(cat, name, ("x", "y"))
+    return np.column_stack([np.asarray(cat["x"], np.float64), np.asarray(cat["y"], np.float64)])
+
+
+def match_stars(cat_a, cat_b, *, radius=2.0) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one nearest-neighbour matching of two catalogues within ``radius``.
+
+    Parameters
+    ----------
+    cat_a, cat_b : astropy.table.Table or ndarray
+        Tables with ``x`` and ``y`` columns, or (N, 2) arrays of (x, y).
+    radius : float, optional
+        Maximum separation in pixels.
+
+    Returns
+    -------
+    idx_a, idx_b : ndarray of int
+        Row indices of matched pairs, ``cat_a[idx_a[k]] <-> cat_b[idx_b[k]]``.
+        When several sources of ``cat_a`` share a nearest neighbour in
+        ``cat_b`` only the closest pair is kept.
+
+    Raises
+    ------
+    InputError
+        A catalogue lacks ``x``/``y`` or ``radius`` is not positive.
+    """
+    _check_number("radius", radius, minimum=0)
+    a = _xy(cat_a, "cat_a")
+    b = _xy(cat_b, "cat_b")
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    fa = np.all(np.isfinite(a), axis=1)
+    fb = np.nonzero(np.all(np.isfinite(b), axis=1))[0]
+    if len(fb) == 0:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    tree = cKDTree(b[fb])
+    ia = np.nonzero(fa)[0]
+    d, j = tree.query(a[ia], k=1, distance_upper_bound=float(radius))
+    ok = np.isfinite(d)
+    ia, jb, d = ia[ok], fb[j[ok]], d[ok]
+    order = np.argsort(d, kind="stable")
+    ia, jb = ia[order], jb[order]
+    _, first = np.unique(jb, return_index=True)
+    first = np.sort(first)
+    ia, jb = ia[first], jb[first]
+    srt = np.argsort(ia)
+    return ia[srt].astype(np.intp), jb[srt].astype(np.intp)
+
+
+def _col(cat, name, default=None):
+    cols = getattr(cat, "colnames", None) or list(cat.keys())
+    if name in cols:
+        return np.asarray(cat[name])
+    return default
+
+
+def _good_pairs(new_cat, ref_cat, radius, snr_min, isolated_only):
+    for name, cat in (("new_cat", new_cat), ("ref_cat", ref_cat)):
+        _check_catalog(cat, name, ("x", "y", "flux", "flux_err"))
+    _check_number("snr_min", snr_min)
+    ia, ib = match_stars(new_cat, ref_cat, radius=radius)
+    ok = np.ones(len(ia), bool)
+    for cat, ii in ((new_cat, ia), (ref_cat, ib)):
+        f = np.asarray(cat["flux"], np.float64)[ii]
+        fe = np.asarray(cat["flux_err"], np.float64)[ii]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ok &= np.isfinite(f) & np.isfinite(fe) & (fe > 0) & (f > 0) & (f / fe >= snr_min)
+        sat = _col(cat, "saturated")
+        if sat is not None:
+            ok &= ~sat.astype(bool)[ii]
+        flag = _col(cat, "flag")
+        if flag is not None:
+            ok &= (flag.astype(np.int64)[ii] & _BAD_FLAGS) == 0
+        iso = _col(cat, "isolated")
+        if isolated_only and iso is not None:
+            ok &= iso.astype(bool)[ii]
+    return ia[ok], ib[ok]
+
+
+def fit_flux_ratio(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5, clip=3.0,
+                   isolated_only=True, aperture_correction=True,
+                   max_iter=20) -> tuple[float, float, int]:
+    """Flux ratio ``F_n / F_r`` from matched stars, with outlier rejection.
+
+    Uses matched pairs that are unsaturated, cleanly measured, (optionally)
+    isolated, and have ``S/N >= snr_min`` in both catalogues. The estimate is
+    an inverse-variance weighted mean of ``flux_new / flux_ref`` whose weights
+    combine each star's photometric error with an intrinsic scatter term
+    (fitted so that the reduced chi^2 is 1); stars more than ``clip`` robust
+    standard deviations away are rejected and the fit repeated until the set of
+    stars no longer changes.
+
+    Aperture fluxes miss different fractions of the light when the two PSFs
+    differ; with ``aperture_correction=True`` the ratio is multiplied by
+    ``apcorr_ref / apcorr_new`` from the catalogues' ``meta`` (see
+    :func:`find_stars`) so that it refers to total fluxes, as ZOGY's unit-sum
+    PSFs require. The (small) error of the corrections is not propagated.
+
+    Parameters
+    ----------
+    new_cat, ref_cat : astropy.table.Table
+        Catalogues of the new and reference images (from :func:`find_stars`;
+        needs ``x, y, flux, flux_err``; ``saturated``, ``flag``, ``isolated``
+        are used when present). Both must use the same aperture definition
+        relative to their PSFs (``find_stars`` uses 2 x FWHM).
+    radius : float, optional
+        Matching radius in pixels.
+    snr_min : float, optional
+        Minimum aperture S/N in both images.
+    min_stars : int, optional
+        Fewest stars accepted.
+    clip : float, optional
+        Rejection threshold in units of the robust normalised scatter.
+    isolated_only : bool, optional
+        Use only stars flagged ``isolated`` in both catalogues.
+    aperture_correction : bool, optional
+        Correct to total fluxes with ``meta['aperture_correction']`` when both
+        catalogues carry a finite value (otherwise a warning is logged).
+    max_iter : int, optional
+        Maximum number of rejection iterations.
+
+    Returns
+    -------
+    ratio : float
+        ``F_n / F_r``.
+    ratio_err : float
+        Its 1-sigma error (including the intrinsic scatter).
+    n_used : int
+        Number of stars in the final fit.
+
+    Raises
+    ------
+    InputError
+        A catalogue lacks required columns or an option is invalid.
+    ProcessingError
+        Fewer than ``min_stars`` usable matched stars.
+    """
+    _check_number("min_stars", min_stars, minimum=1, integer=True)
+    ia, ib = _good_pairs(new_cat, ref_cat, radius, snr_min, isolated_only)
+    if len(ia) < min_stars:
+        raise ProcessingError(f"only {len(ia)} matched bright unsaturated stars for the flux "
+                              f"ratio (min_stars={min_stars}); check the registration, "
+                              "increase radius= or lower snr_min=, or pass the ratio")
+    fn = np.asarray(new_cat["flux"], np.float64)[ia]
+    fr = np.asarray(ref_cat["flux"], np.float64)[ib]
+    en = np.asarray(new_cat["flux_err"], np.float64)[ia]
+    er = np.asarray(ref_cat["flux_err"], np.float64)[ib]
+    r = fn / fr
+    e2 = r * r * ((en / fn) ** 2 + (er / fr) ** 2)
+
+    keep = np.ones(len(r), bool)
+    ratio = float(np.median(r))
+    s2 = 0.0
+    for _ in range(max_iter):
+        rk, ek = r[keep], e2[keep]
+
+        def excess(s2_):
+            w = 1.0 / (ek + s2_)
+            m = np.sum(w * rk) / np.sum(w)
+            return np.sum(w * (rk - m) ** 2) / max(len(rk) - 1, 1) - 1.0
+
+        if len(rk) > 2 and excess(0.0) > 0:
+            hi = max(np.var(rk), 1e-30)
+            while excess(hi) > 0:
+                hi *= 4.0
+            s2 = optimize.brentq(excess, 0.0, hi, xtol=1e-14 * max(ratio * ratio, 1e-30))
+        else:
+            s2 = 0.0
+        w = 1.0 / (ek + s2)
+        ratio = float(np.sum(w * rk) / np.sum(w))
+        z = (r - ratio) / np.sqrt(e2 + s2)
+        scale = max(1.0, float(mad_std(z[keep])))
+        new_keep = np.abs(z) <= clip * scale
+        if new_keep.sum() < min_stars:
+            break
+        if np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    w = 1.0 / (e2[keep] + s2)
+    ratio = float(np.sum(w * r[keep]) / np.sum(w))
+    ratio_err = float(1.0 / np.sqrt(np.sum(w)))
+    n_used = int(keep.sum())
+    if aperture_correction:
+        acn = getattr(new_cat, "meta", {}).get("aperture_correction", np.nan)
+        acr = getattr(ref_cat, "meta", {}).get("aperture_correction", np.nan)
+        if np.isfinite(acn) and np.isfinite(acr) and acn > 0 and acr > 0:
+            ratio *= acr / acn
+            ratio_err *= acr / acn
+        else:
+            log.warning("no aperture corrections in the catalogues' meta; the flux ratio is "
+                        "that of aperture fluxes")
+    log.info("flux ratio F_n/F_r = %.4f +- %.4f from %d stars (intrinsic scatter %.3g)",
+             ratio, ratio_err, n_used, np.sqrt(s2))
+    return ratio, ratio_err, n_used
+
+
+def _ml_sigma(d, e2):
+    """ML mean and extra scatter of ``d`` with known per-point variances ``e2``."""
+
+    def mean_for(s2):
+        w = 1.0 / (e2 + s2)
+        return np.sum(w * d) / np.sum(w)
+
+    def nll(log_s):
+        s2 = np.exp(2 * log_s)
+        v = e2 + s2
+        m = mean_for(s2)
+        return 0.5 * np.sum(np.log(v) + (d - m) ** 2 / v)
+
+    spread = float(np.std(d)) if len(d) > 1 else 1.0
+    spread = max(spread, 1e-6)
+    lo, hi = np.log(spread * 1e-4), np.log(spread * 3.0)
+    res = optimize.minimize_scalar(nll, bounds=(lo, hi), method="bounded",
+                                   options=dict(xatol=1e-4))
+    s = float(np.exp(res.x))
+    if s <= spread * 1.01e-4 or nll(lo) <= res.fun:  # at the lower bound: no extra scatter
+        s = 0.0
+    return float(mean_for(s * s)), s
+
+
+def astrometric_sigma(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5, clip=4.0,
+                      isolated_only=True, max_iter=20) -> tuple[float, float, int]:
+    """RMS registration error per axis from matched stars' centroid offsets.
+
+    This is ZOGY's ``(sigma_x, sigma_y)`` (eq. 30): the scatter of
+    ``x_new - x_ref`` (and ``y``) about its mean, *not* the mean or median
+    offset, with the stars' own centroid noise removed. Per axis, offsets
+    ``d_i`` are modelled as ``N(mu, sigma^2 + e_i^2)`` where ``e_i^2`` is the
+    sum of the two catalogues' centroid variances, and ``(mu, sigma)`` are
+    fitted by maximum likelihood; stars with a normalised offset beyond
+    ``clip`` on either axis are rejected and the fit repeated.
+
+    Centroid errors come from the ``x_err``/``y_err`` columns (as written by
+    :func:`find_stars`); without them, from ``fwhm / (2.3548 * snr)`` if
+    ``fwhm`` exists (an upper-end approximation); otherwise they are taken as
+    zero and the result includes the centroid noise (a warning is logged).
+
+    Parameters
+    ----------
+    new_cat, ref_cat : astropy.table.Table
+        Catalogues of the registered new and reference images.
+    radius : float, optional
+        Matching radius in pixels.
+    snr_min : float, optional
+        Minimum aperture S/N in both images.
+    min_stars : int, optional
+        Fewest stars accepted.
+    clip : float, optional
+        Rejection threshold on the normalised offset per axis.
+    isolated_only : bool, optional
+        Use only stars flagged ``isolated`` in both catalogues.
+    max_iter : int, optional
+        Maximum number of rejection iterations.
+
+    Returns
+    -------
+    sigma_x, sigma_y : float
+        RMS registration error along x and y in pixels (0 when the offsets are
+        fully explained by centroid noise).
+    n_used : int
+        Number of stars in the final fit.
+
+    Raises
+    ------
+    InputError
+        A catalogue lacks required columns or an option is invalid.
+    ProcessingError
+        Fewer than ``min_stars`` usable matched stars.
+    """
+    _check_number("min_stars", min_stars, minimum=2, integer=True)
+    ia, ib = _good_pairs(new_cat, ref_cat, radius, snr_min, isolated_only)
+    if len(ia) < min_stars:
+        raise ProcessingError(f"only {len(ia)} matched bright unsaturated stars for the "
+                              f"astrometric noise (min_stars={min_stars}); check the "
+                              "registration, increase radius= or lower snr_min=")
+    dx = np.asarray(new_cat["x"], np.float64)[ia] - np.asarray(ref_cat["x"], np.float64)[ib]
+    dy = np.asarray(new_cat["y"], np.float64)[ia] - np.asarray(ref_cat["y"], np.float64)[ib]
+
+    def cvar(cat, ii, axis):
+        col = _col(cat, f"{axis}_err")
+        if col is not None:
+            v = np.asarray(col, np.float64)[ii] ** 2
+            if np.all(np.isfinite(v)):
+                return v
+        fw = _col(cat, "fwhm")
+        if fw is not None:
+            snr = np.asarray(cat["flux"], np.float64)[ii] / np.asarray(cat["flux_err"],
+                                                                        np.float64)[ii]
+            return (np.asarray(fw, np.float64)[ii] / _FWHM_PER_SIGMA / snr) ** 2
+        return None
+
+    evx = [cvar(new_cat, ia, "x"), cvar(ref_cat, ib, "x")]
+    evy = [cvar(new_cat, ia, "y"), cvar(ref_cat, ib, "y")]
+    if any(v is None for v in evx + evy):
+        log.warning("catalogues lack centroid errors (x_err/y_err or fwhm); the astrometric "
+                    "sigma includes the centroid noise")
+    ex2 = sum(v for v in evx if v is not None) if any(v is not None for v in evx) \
+        else np.zeros(len(dx))
+    ey2 = sum(v for v in evy if v is not None) if any(v is not None for v in evy) \
+        else np.zeros(len(dy))
+    ex2 = np.where(np.isfinite(ex2), ex2, np.nanmedian(ex2) if np.isfinite(ex2).any() else 0.0)
+    ey2 = np.where(np.isfinite(ey2), ey2, np.nanmedian(ey2) if np.isfinite(ey2).any() else 0.0)
+
+    # robust start: reject gross outliers around the median
+    keep = np.ones(len(dx), bool)
+    for d in (dx, dy):
+        med = np.median(d)
+        s = max(float(mad_std(d)), 1e-6)
+        keep &= np.abs(d - med) <= 2.0 * clip * s
+    if keep.sum() < min_stars:
+        keep = np.ones(len(dx), bool)
+    mx = my = sx = sy = 0.0
+    for _ in range(max_iter):
+        mx, sx = _ml_sigma(dx[keep], ex2[keep])
+        my, sy = _ml_sigma(dy[keep], ey2[keep])
+        zx = (dx - mx) / np.sqrt(sx * sx + ex2)
+        zy = (dy - my) / np.sqrt(sy * sy + ey2)
+        new_keep = (np.abs(zx) <= clip) & (np.abs(zy) <= clip)
+        if new_keep.sum() < min_stars or np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    n_used = int(keep.sum())
+    log.info("astrometric sigma (x, y) = (%.4f, %.4f) px from %d stars (mean offset %.4f, "
+             "%.4f)", sx, sy, n_used, mx, my)
+    return float(sx), float(sy), n_used
