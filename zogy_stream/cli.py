@@ -111,6 +111,8 @@ def subtraction_parent() -> argparse.ArgumentParser:
     g.add_argument("--no-wisdom", action="store_true", help="do not read or write FFTW wisdom")
     g.add_argument("--fft-effort", choices=("estimate", "measure", "patient"), default="measure",
                    help="FFTW planner effort (default measure; planned once, cached as wisdom)")
+    g.add_argument("--dask", metavar="ADDRESS",
+                   help="run on Dask distributed: a scheduler address or local:N (N workers)")
     return p
 
 
@@ -125,6 +127,7 @@ def subtract_kwargs(args: argparse.Namespace) -> dict:
         bkg_mesh=args.bkg_mesh, threshold=args.threshold, tile=args.tile, overlap=args.overlap,
         threads=args.threads, image_space=args.image_space,
         wisdom=False if args.no_wisdom else args.wisdom, fft_effort=args.fft_effort,
+        dask=args.dask,
     )
 
 

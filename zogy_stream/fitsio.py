@@ -295,10 +295,28 @@ class Plane:
     data: np.ndarray | None = None  # small planes (a PSF) written at creation
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def atomic_path(final: Path) -> Path:
-    """A unique temporary name beside ``final`` (same directory, so rename is atomic)."""
+    """A unique temporary name beside ``final`` (same directory, so rename is atomic).
+
+    The file gets the permissions a plain ``open()`` would give (0666 & ~umask),
+    not mkstemp's 0600.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 
@@ -347,26 +365,48 @@ class OutputFile:
         except OSError as exc:
             raise InputError(f"output '{self.path}': cannot write there ({exc.strerror})") from None
         self.planes = list(planes)
+        self.primary_header = primary_header
         self._views: dict[str, np.ndarray] = {}
-        self._offsets: dict[str, int] = {}
         self._mm = None
         try:
-            self._create(primary_header)
+            self._create()
         except BaseException:
             self.abort()
             raise
 
-    def _create(self, primary_header) -> None:
+    @classmethod
+    def attach(cls, tmp, planes: Iterable[Plane], *, primary_header=None) -> "OutputFile":
+        """Map an output being written by another process (e.g. a Dask worker).
+
+        ``tmp`` is the :attr:`tmp` path of the creating :class:`OutputFile`;
+        the layout is recomputed from the same planes and header.  Only
+        :meth:`write`, :meth:`release` and :meth:`close` are meaningful here.
+        """
+        self = cls.__new__(cls)
+        self.path = None
+        self.tmp = Path(tmp)
+        self.planes = list(planes)
+        self.primary_header = primary_header
+        self._views = {}
+        total, _, offsets = self._layout()
+        with open(self.tmp, "r+b") as fh:
+            self._mm = mmap.mmap(fh.fileno(), total, access=mmap.ACCESS_WRITE)
+        self._map_views(offsets)
+        return self
+
+    def _layout(self):
+        """(file size, [(offset, bytes) to write at creation], {plane: data offset})."""
         prim = fits.Header()
         prim["SIMPLE"] = True
         prim["BITPIX"] = 8
         prim["NAXIS"] = 0
         prim["EXTEND"] = True
-        if primary_header is not None:
-            for card in primary_header.cards:
+        if self.primary_header is not None:
+            for card in self.primary_header.cards:
                 if card.keyword not in prim:
                     prim.append(card)
         chunks: list[tuple[int, bytes]] = []
+        offsets: dict[str, int] = {}
         pos = 0
         blob = prim.tostring().encode("ascii")
         chunks.append((pos, blob))
@@ -375,27 +415,42 @@ class OutputFile:
             blob = _image_header(plane).tostring().encode("ascii")
             chunks.append((pos, blob))
             pos += len(blob)
-            self._offsets[plane.name] = pos
+            offsets[plane.name] = pos
             nbytes = np.dtype(plane.dtype).itemsize * plane.shape[0] * plane.shape[1]
             if plane.data is not None:
                 data = np.ascontiguousarray(plane.data, dtype=np.dtype(plane.dtype).newbyteorder(">"))
                 chunks.append((pos, data.tobytes()))
             pos += nbytes + (-nbytes) % 2880
+        return pos, chunks, offsets
+
+    def _create(self) -> None:
+        total, chunks, offsets = self._layout()
         try:
             with open(self.tmp, "r+b") as fh:
-                fh.truncate(pos)  # sparse: data areas read back as zeros until written
+                fh.truncate(total)  # sparse: data areas read back as zeros until written
                 for at, blob in chunks:
                     fh.seek(at)
                     fh.write(blob)
-                self._mm = mmap.mmap(fh.fileno(), pos, access=mmap.ACCESS_WRITE)
+                self._mm = mmap.mmap(fh.fileno(), total, access=mmap.ACCESS_WRITE)
         except OSError as exc:
             raise InputError(f"output '{self.path}': cannot write ({exc.strerror})") from None
+        self._map_views(offsets)
+
+    def _map_views(self, offsets: dict[str, int]) -> None:
+        self._offsets = offsets
         for plane in self.planes:
             be = np.dtype(plane.dtype).newbyteorder(">")
             n = plane.shape[0] * plane.shape[1]
             self._views[plane.name] = np.frombuffer(
-                self._mm, dtype=be, count=n, offset=self._offsets[plane.name]
-            ).reshape(plane.shape)
+                self._mm, dtype=be, count=n, offset=offsets[plane.name]).reshape(plane.shape)
+
+    def close(self) -> None:
+        """Unmap without renaming or deleting (for :meth:`attach`-ed files)."""
+        self._views.clear()
+        if self._mm is not None:
+            self._mm.flush()
+            self._mm.close()
+            self._mm = None
 
     def write(self, name: str, box: Box, data: np.ndarray) -> None:
         """Write ``data`` into plane ``name`` at ``box`` (byte-swapped on the fly)."""

@@ -505,7 +505,7 @@ def _psf_d(plan: RunPlan) -> np.ndarray:
 
 def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var=None,
              new_mask=None, ref_mask=None, catalog=None, progress: bool = False, stop=None,
-             **options) -> SubtractSummary:
+             dask: str | None = None, **options) -> SubtractSummary:
     """Subtract ``ref`` from ``new`` into the multi-extension FITS file ``out``.
 
     Extensions D, S, SCORR, FLUX, FLUX_ERR (float32), MASK (int16, bits of
@@ -525,6 +525,10 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
         |S_corr| >= threshold outside masked pixels.
     progress : bool
         Show a tqdm progress bar (only when stderr is a terminal).
+    dask : str, optional
+        Run the tiles on Dask distributed: a scheduler address, or
+        ``"local:N"`` for a LocalCluster of N worker processes.  Inputs and
+        output must be on a filesystem the workers share.
 
     Returns
     -------
@@ -558,22 +562,20 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
     planes.append(Plane("PSF_D", np.float32, psf_d.shape,
                         _plane_header(fits.Header(), "PSF_D", "PSF of D at the mosaic centre"),
                         data=psf_d))
-    engine = TileEngine(plan, wisdom=_wisdom_for(opts))
+    if dask is not None and any(isinstance(v, np.ndarray) for v in vars(inputs).values()):
+        raise InputError("--dask needs inputs given as files on a shared filesystem, not arrays")
     outfile = OutputFile(out, planes, primary_header=header)
-    parts = []
+    engine = None
     bar = _progress(progress, len(plan.grid), plan.shape)
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zogy-write") as writer:
-            pending = None
-            for res in _iter_tiles(engine, iter(plan.grid), stop):
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(_write_tile, outfile, res, engine.timings)
-                parts.append(res.candidates)
-                if bar is not None:
-                    bar.update(1)
-            if pending is not None:
-                pending.result()
+        if dask is None:
+            engine = TileEngine(plan, wisdom=_wisdom_for(opts))
+            parts, timings = _run_local(engine, outfile, stop, bar)
+        else:
+            from .distributed import dask_client, run_bands
+
+            with dask_client(dask, threads_per_worker=opts.threads) as client:
+                parts, timings = run_bands(client, plan, outfile, stop=stop, progress=bar)
         cat_path = None
         tab = candidate_table(parts, wcs=_celestial_wcs(plan.new_header))
         if catalog is not None:
@@ -584,15 +586,33 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
         outfile.abort()
         raise
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
         if bar is not None:
             bar.close()
     secs = time.perf_counter() - t_start
     summary = SubtractSummary(out=out, catalog=cat_path, n_candidates=len(tab), shape=plan.shape,
-                              n_tiles=len(plan.grid), seconds=secs, timings=dict(engine.timings))
+                              n_tiles=len(plan.grid), seconds=secs, timings=timings)
     log.info("%s: %d tiles, %d candidates, %.2f s (%.1f Mpix/s)", out, summary.n_tiles,
              summary.n_candidates, secs, summary.mpix_per_s)
     return summary
+
+
+def _run_local(engine: TileEngine, outfile: OutputFile, stop, bar) -> tuple[list, dict]:
+    """Process every tile here, writing each in a background thread."""
+    parts = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zogy-write") as writer:
+        pending = None
+        for res in _iter_tiles(engine, iter(engine.plan.grid), stop):
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_write_tile, outfile, res, engine.timings)
+            parts.append(res.candidates)
+            if bar is not None:
+                bar.update(1)
+        if pending is not None:
+            pending.result()
+    return parts, dict(engine.timings)
 
 
 def _write_tile(outfile: OutputFile, res: TileResult, timings: dict) -> None:
