@@ -64,8 +64,8 @@ def _common_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("output and logging")
     g.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bar")
-    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    g.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    g.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    g.add_argument("--debug", action="store_true", help="debug logging and tracebacks of errors")
     return p
 
 
@@ -190,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(args) -> None:
-    level = logging.DEBUG if getattr(args, "verbose", False) else (
-        logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    # Default WARNING: a run prints its one summary line on stdout and
+    # nothing else, and a failing run exactly one error line on stderr.
+    level = logging.DEBUG if getattr(args, "debug", False) else (
+        logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root = logging.getLogger("zogy_stream")

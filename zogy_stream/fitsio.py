@@ -48,6 +48,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PAGE = mmap.PAGESIZE
+#: rows moved between a memory map and an array before their pages are dropped
+_CHUNK_ROWS = 128
 _BITPIX_DTYPE = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 _DTYPE_BITPIX = {np.dtype(np.uint8): 8, np.dtype(np.int16): 16, np.dtype(np.int32): 32,
                  np.dtype(np.float32): -32, np.dtype(np.float64): -64}
@@ -196,9 +198,27 @@ class ImageReader:
             except Exception as exc:  # astropy raises assorted errors on corrupt tiles
                 raise InputError(f"{self.label}: cannot decompress rows {box.y0}-{box.y1} "
                                  f"({exc})") from None
+        elif self._mm is not None:
+            return self._read_mapped(box)
         else:
             raw = self._raw[box.slices]
-        out = raw.astype(np.float32)  # native order, one copy
+        return self._scale_raw(raw, raw.astype(np.float32))
+
+    def _read_mapped(self, box: Box) -> np.ndarray:
+        # The kernel maps whole rows around each faulting page (fault-around),
+        # so copy in bands of rows and drop each band's pages at once:
+        # resident memory stays ~_CHUNK_ROWS x width, whatever the window.
+        out = np.empty(box.shape, dtype=np.float32)
+        for y in range(box.y0, box.y1, _CHUNK_ROWS):
+            y1 = min(y + _CHUNK_ROWS, box.y1)
+            raw = self._raw[y:y1, box.x0:box.x1]
+            part = out[y - box.y0:y1 - box.y0]
+            part[...] = raw  # native order, one copy
+            self._scale_raw(raw, part)
+            release_rows(self._mm, self._data_offset, self._raw.strides[0], y, y1)
+        return out
+
+    def _scale_raw(self, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
         bscale, bzero = self._scale
         if bscale != 1.0:
             out *= np.float32(bscale)
@@ -222,12 +242,7 @@ class ImageReader:
                     for y in range(0, ny, step)]
             return np.array(rows, dtype=np.float32)
         raw = self._raw[::step, ::step]  # touches only the sampled rows' pages
-        out = raw.astype(np.float32)
-        bscale, bzero = self._scale
-        if bscale != 1.0 or bzero != 0.0:
-            out = out * np.float32(bscale) + np.float32(bzero)
-        if self._blank is not None:
-            out[raw == self._blank] = np.nan
+        out = self._scale_raw(raw, raw.astype(np.float32))
         self.release(Box(0, self.shape[0], 0, self.shape[1]))
         return out
 
@@ -453,8 +468,18 @@ class OutputFile:
             self._mm = None
 
     def write(self, name: str, box: Box, data: np.ndarray) -> None:
-        """Write ``data`` into plane ``name`` at ``box`` (byte-swapped on the fly)."""
-        self._views[name][box.slices] = data
+        """Write ``data`` into plane ``name`` at ``box`` (byte-swapped on the fly).
+
+        Rows are written in bands whose pages are dropped from this process
+        at once (the data stay in the page cache), so resident memory does
+        not grow with the mosaic width.
+        """
+        view = self._views[name]
+        for y in range(box.y0, box.y1, _CHUNK_ROWS):
+            y1 = min(y + _CHUNK_ROWS, box.y1)
+            view[y:y1, box.x0:box.x1] = data[y - box.y0:y1 - box.y0]
+            if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+                release_rows(self._mm, self._offsets[name], view.strides[0], y, y1)
 
     def release(self, box: Box) -> None:
         """Drop the mapped pages of rows ``box.y0:box.y1`` (data stays in the page cache)."""

@@ -491,7 +491,10 @@ def output_header(plan: RunPlan) -> fits.Header:
         ("THRESH", o.threshold, "candidate |S_corr| threshold"),
     ]
     for key, val, comment in cards:
-        h[key] = (val, comment)
+        # a comment that would not fit beside a long value is dropped, not
+        # truncated with a VerifyWarning on every run
+        fits_card = not isinstance(val, str) or len(val) + len(comment) <= 62
+        h[key] = (val, comment) if fits_card else val
     return h
 
 
@@ -545,11 +548,9 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
     inputs, opts = _make_inputs(new, ref, dict(options, new_psf=new_psf, ref_psf=ref_psf,
                                                new_var=new_var, ref_var=ref_var,
                                                new_mask=new_mask, ref_mask=ref_mask))
-    out = Path(out)
+    out = _check_output(out, "output")
     if catalog is not None:
-        catalog = Path(catalog)
-        if not catalog.parent.is_dir():
-            raise InputError(f"--catalog '{catalog}': directory '{catalog.parent}' does not exist")
+        catalog = _check_output(catalog, "--catalog")
     plan = plan_run(inputs, opts)
     header = output_header(plan)
     psf_d, ks_c = _psf_d(plan)
@@ -596,6 +597,19 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
     log.info("%s: %d tiles, %d candidates, %.2f s (%.1f Mpix/s)", out, summary.n_tiles,
              summary.n_candidates, secs, summary.mpix_per_s)
     return summary
+
+
+def _check_output(path, label: str) -> Path:
+    """Fail before any work if ``path`` cannot become an output file."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{label} '{path}' is a directory; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"{label} '{path}': directory '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{label} '{path}': directory '{parent}' is not writable")
+    return path
 
 
 def _run_local(engine: TileEngine, outfile: OutputFile, stop, bar) -> tuple[list, dict]:

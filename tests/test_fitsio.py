@@ -1,0 +1,371 @@
+"""FITS reading windows and writing pre-sized outputs, checked against astropy."""
+import os
+import stat
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from zogy_stream.errors import InputError
+from zogy_stream.fitsio import ImageReader, OutputFile, Plane, parse_image_spec, wcs_cards
+from zogy_stream.tiles import Box
+
+SHAPE = (61, 83)  # odd, not page-aligned rows
+
+BOXES = [Box(0, 61, 0, 83), Box(0, 1, 0, 1), Box(60, 61, 82, 83), Box(5, 40, 7, 80),
+         Box(17, 18, 0, 83), Box(0, 61, 41, 42), Box(30, 61, 0, 10)]
+
+
+def _astropy(path, ext=0):
+    with fits.open(path) as hdul:
+        return np.array(hdul[ext].data)
+
+
+def _write_raw_int16(path, raw, **cards):
+    """A FITS file of big-endian int16 ``raw`` with ``cards`` (BSCALE, BZERO, BLANK) as given;
+    astropy is not trusted to keep scaling keywords of unscaled data."""
+    hdr = fits.Header()
+    hdr["SIMPLE"] = True
+    hdr["BITPIX"] = 16
+    hdr["NAXIS"] = 2
+    hdr["NAXIS1"] = raw.shape[1]
+    hdr["NAXIS2"] = raw.shape[0]
+    for k, v in cards.items():
+        hdr[k] = v
+    body = raw.astype(">i2").tobytes()
+    with open(path, "wb") as fh:
+        fh.write(hdr.tostring().encode("ascii"))
+        fh.write(body + b"\0" * (-len(body) % 2880))
+
+
+def _check_windows(path, expected, spec=None):
+    assert expected.dtype.kind == "f"
+    with ImageReader(spec or str(path), label="T") as rd:
+        assert rd.shape == expected.shape
+        for box in BOXES:
+            got = rd.read(box)
+            assert got.dtype == np.float32 and got.dtype.isnative
+            assert got.shape == box.shape
+            np.testing.assert_array_equal(got, expected[box.slices].astype(np.float32))
+
+
+# ------------------------------------------------------------------- reading
+@pytest.mark.parametrize("dtype", [">f4", ">f8", "<f4", "<f8"])
+def test_float_images(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    data = (rng.normal(100, 30, SHAPE)).astype(dtype)
+    path = tmp_path / "f.fits"
+    fits.PrimaryHDU(data).writeto(path)
+    ref = _astropy(path)
+    assert ref.dtype.byteorder == ">"  # FITS is big-endian whatever we gave astropy
+    _check_windows(path, ref.astype(np.float64))
+
+
+def test_int16_bscale_bzero(tmp_path):
+    rng = np.random.default_rng(1)
+    raw = rng.integers(-30000, 30000, SHAPE).astype(np.int16)
+    path = tmp_path / "i16.fits"
+    _write_raw_int16(path, raw, BSCALE=0.25, BZERO=-100.0)
+    with fits.open(path, do_not_scale_image_data=True) as hdul:  # what is on disk
+        assert hdul[0].header["BITPIX"] == 16
+        np.testing.assert_array_equal(hdul[0].data, raw)
+    expected = raw.astype(np.float64) * 0.25 - 100.0
+    np.testing.assert_allclose(_astropy(path), expected)
+    _check_windows(path, expected)
+
+
+def test_uint16_via_bzero(tmp_path):
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 65536, SHAPE).astype(np.uint16)
+    data[0, 0], data[-1, -1] = 0, 65535
+    path = tmp_path / "u16.fits"
+    fits.PrimaryHDU(data).writeto(path)
+    h = fits.getheader(path)
+    assert h["BITPIX"] == 16 and h["BZERO"] == 32768
+    _check_windows(path, data.astype(np.float64))
+
+
+def test_int32_and_uint8(tmp_path):
+    rng = np.random.default_rng(3)
+    i32 = rng.integers(-2 ** 23, 2 ** 23, SHAPE).astype(np.int32)  # exact in float32
+    u8 = rng.integers(0, 256, SHAPE).astype(np.uint8)
+    fits.PrimaryHDU(i32).writeto(tmp_path / "i32.fits")
+    fits.PrimaryHDU(u8).writeto(tmp_path / "u8.fits")
+    _check_windows(tmp_path / "i32.fits", i32.astype(np.float64))
+    _check_windows(tmp_path / "u8.fits", u8.astype(np.float64))
+
+
+@pytest.mark.parametrize("bzero, bscale", [(0.0, 1.0), (32768.0, 1.0), (10.0, 2.0)])
+def test_blank_becomes_nan(tmp_path, bzero, bscale):
+    rng = np.random.default_rng(4)
+    raw = rng.integers(-1000, 1000, SHAPE).astype(np.int16)
+    raw[3, 4] = raw[60, 82] = raw[0, 0] = -32768
+    path = tmp_path / "blank.fits"
+    _write_raw_int16(path, raw, BSCALE=bscale, BZERO=bzero, BLANK=-32768)
+    expected = raw * bscale + bzero
+    expected[raw == -32768] = np.nan
+    with ImageReader(str(path)) as rd:
+        got = rd.read(Box(0, SHAPE[0], 0, SHAPE[1]))
+        assert np.isnan(got).sum() == 3
+        np.testing.assert_array_equal(got, expected.astype(np.float32))
+        np.testing.assert_array_equal(rd.read(Box(2, 5, 3, 6)), expected[2:5, 3:6].astype(np.float32))
+    ref = _astropy(path)
+    if ref.dtype.kind == "f":  # astropy turns BZERO=32768 into uint16 and keeps BLANK raw
+        np.testing.assert_array_equal(ref, expected.astype(np.float32))
+
+
+def _mef(path):
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=SHAPE).astype(np.float32)
+    b = rng.normal(size=(20, 30))
+    hdus = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(a, name="SCI"),
+                         fits.ImageHDU(b, name="VAR")])
+    hdus[1].header["OBJECT"] = "first"
+    hdus.writeto(path)
+    return a, b
+
+
+def test_hdu_selection_by_number_and_name(tmp_path):
+    path = tmp_path / "mef.fits"
+    a, b = _mef(path)
+    for spec in (f"{path}[1]", f"{path}[SCI]", f"{path}[sci]", str(path)):
+        with ImageReader(spec) as rd:
+            assert rd.shape == a.shape, spec
+            assert rd.header["OBJECT"] == "first"
+            np.testing.assert_array_equal(rd.read(Box(3, 9, 10, 50)), a[3:9, 10:50])
+    for spec in (f"{path}[2]", f"{path}[VAR]"):
+        with ImageReader(spec) as rd:
+            assert rd.shape == b.shape
+            np.testing.assert_array_equal(rd.read(Box(0, 20, 0, 30)), b.astype(np.float32))
+    for spec in (f"{path}[3]", f"{path}[NOPE]", f"{path}[0]"):
+        with pytest.raises(InputError):
+            ImageReader(spec)
+
+
+def test_parse_image_spec(tmp_path):
+    assert parse_image_spec("a/b.fits[1]") == (parse_image_spec("a/b.fits")[0], 1)
+    assert parse_image_spec("a/b.fits[sci]")[1] == "SCI"
+    assert parse_image_spec("b.fits")[1] is None
+    literal = tmp_path / "odd[1].fits"
+    literal.write_bytes(b"")
+    assert parse_image_spec(str(literal)) == (literal, None)
+
+
+def test_degenerate_third_axis_accepted(tmp_path):
+    rng = np.random.default_rng(6)
+    cube = rng.normal(size=(1,) + SHAPE).astype(np.float32)
+    path = tmp_path / "cube1.fits"
+    fits.PrimaryHDU(cube).writeto(path)
+    assert fits.getheader(path)["NAXIS"] == 3
+    _check_windows(path, cube[0].astype(np.float64))
+
+
+def test_real_cube_rejected(tmp_path):
+    path = tmp_path / "cube2.fits"
+    fits.PrimaryHDU(np.zeros((2,) + SHAPE, np.float32)).writeto(path)
+    with pytest.raises(InputError, match="2-D"):
+        ImageReader(str(path))
+
+
+def test_bad_files_rejected(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        ImageReader(str(tmp_path / "missing.fits"))
+    junk = tmp_path / "junk.fits"
+    junk.write_bytes(np.random.default_rng(0).bytes(5760))
+    with pytest.raises(InputError):
+        ImageReader(str(junk))
+    good = tmp_path / "good.fits"
+    fits.PrimaryHDU(np.ones((200, 200), np.float32)).writeto(good)
+    cut = tmp_path / "cut.fits"
+    cut.write_bytes(good.read_bytes()[: 2880 + 50_000])
+    with pytest.raises(InputError, match="truncated"):
+        ImageReader(str(cut))
+    nodata = tmp_path / "nodata.fits"
+    fits.PrimaryHDU().writeto(nodata)
+    with pytest.raises(InputError):
+        ImageReader(str(nodata))
+
+
+def test_release_then_read(tmp_path):
+    rng = np.random.default_rng(7)
+    data = rng.normal(size=(700, 300)).astype(">f4")  # several pages per band
+    path = tmp_path / "big.fits"
+    fits.PrimaryHDU(data).writeto(path)
+    with ImageReader(str(path)) as rd:
+        for y0 in range(0, 700, 128):
+            box = Box(y0, min(y0 + 128, 700), 0, 300)
+            first = rd.read(box)
+            rd.release(box)
+            again = rd.read(box)
+            rd.release(Box(0, 700, 0, 300))
+            np.testing.assert_array_equal(first, data[box.slices])
+            np.testing.assert_array_equal(again, data[box.slices])
+        np.testing.assert_array_equal(rd.read(Box(0, 700, 0, 300)), data)
+
+
+def test_sample(tmp_path):
+    rng = np.random.default_rng(8)
+    data = rng.normal(size=(301, 257)).astype(np.float32)
+    path = tmp_path / "s.fits"
+    fits.PrimaryHDU(data).writeto(path)
+    with ImageReader(str(path)) as rd:
+        for step in (1, 3, 16):
+            np.testing.assert_array_equal(rd.sample(step), data[::step, ::step])
+
+
+def test_array_source():
+    data = np.arange(12.0).reshape(3, 4)
+    with ImageReader(data) as rd:
+        assert rd.shape == (3, 4)
+        got = rd.read(Box(1, 3, 1, 3))
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, data[1:3, 1:3])
+    with pytest.raises(InputError):
+        ImageReader(np.zeros((2, 3, 4)))
+
+
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_tile_compressed(tmp_path, kind):
+    rng = np.random.default_rng(9)
+    if kind == "int":
+        data = rng.integers(-5000, 5000, (130, 90)).astype(np.int32)
+    else:
+        data = rng.normal(100, 5, (130, 90)).astype(np.float32)
+    path = tmp_path / "c.fits.fz"
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, compression_type="RICE_1",
+                                                       tile_shape=(16, 90))]).writeto(path)
+    ref = _astropy(path, 1).astype(np.float64)
+    if kind == "int":
+        np.testing.assert_array_equal(ref, data)
+    with ImageReader(str(path)) as rd:
+        assert rd.shape == data.shape
+        for box in (Box(0, 130, 0, 90), Box(10, 47, 3, 60), Box(129, 130, 89, 90)):
+            np.testing.assert_array_equal(rd.read(box), ref[box.slices].astype(np.float32))
+        np.testing.assert_array_equal(rd.sample(4), ref[::4, ::4].astype(np.float32))
+
+
+def test_wcs_cards():
+    h = fits.Header()
+    for k, v in [("NAXIS", 2), ("BITPIX", -32), ("OBJECT", "x"), ("CTYPE1", "RA---TAN"),
+                 ("CTYPE2", "DEC--TAN"), ("CRVAL1", 10.0), ("CRVAL2", 2.0), ("CRPIX1", 5.0),
+                 ("CRPIX2", 6.0), ("CD1_1", -1e-4), ("CD1_2", 0.0), ("CD2_1", 0.0),
+                 ("CD2_2", 1e-4), ("A_ORDER", 2), ("A_0_2", 1e-6), ("GAIN", 2.0)]:
+        h[k] = v
+    w = wcs_cards(h)
+    assert list(w.keys()) == ["CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2",
+                              "CD1_1", "CD1_2", "CD2_1", "CD2_2", "A_ORDER", "A_0_2"]
+
+
+# ------------------------------------------------------------------- writing
+def _planes(psf):
+    h = fits.Header()
+    h["CTYPE1"] = "RA---TAN"
+    h["FOO"] = (3, "a comment")
+    return [Plane("A", np.float32, (50, 70), h), Plane("M", np.int16, (50, 70)),
+            Plane("B", np.float64, (50, 70)), Plane("P", np.float32, psf.shape, data=psf)]
+
+
+def _hidden(d):
+    return sorted(p.name for p in d.iterdir() if p.name.startswith("."))
+
+
+def test_output_round_trip(tmp_path):
+    rng = np.random.default_rng(10)
+    psf = rng.random((7, 9)).astype(np.float32)
+    a = rng.normal(size=(50, 70)).astype(np.float32)
+    m = rng.integers(-300, 300, (50, 70)).astype(np.int16)
+    b = rng.normal(size=(50, 70))
+    prim = fits.Header()
+    prim["RUNPAR"] = (1.5, "a run parameter")
+    final = tmp_path / "out.fits"
+    of = OutputFile(final, _planes(psf), primary_header=prim)
+    # before commit: a hidden temporary beside the final path, nothing at the final path
+    assert not final.exists()
+    assert of.tmp.parent == final.parent and of.tmp.name.startswith(".") and of.tmp.exists()
+    boxes = [Box(y, min(y + 16, 50), x, min(x + 32, 70)) for y in range(0, 50, 16)
+             for x in range(0, 70, 32)]
+    for i, box in enumerate(boxes):
+        of.write("A", box, a[box.slices])
+        of.write("M", box, m[box.slices])
+        if i % 2 == 0:
+            of.write("B", box, b[box.slices])
+        of.release(box)  # dropping mapped pages must not lose written data
+    assert not final.exists()
+    assert of.commit() == final
+    assert final.exists() and not of.tmp.exists() and _hidden(tmp_path) == []
+    assert final.stat().st_size % 2880 == 0
+    expect_b = np.zeros_like(b)  # never-written areas read as zeros
+    for i, box in enumerate(boxes):
+        if i % 2 == 0:
+            expect_b[box.slices] = b[box.slices]
+    with fits.open(final) as hdul:
+        hdul.verify("exception")
+        assert [h.name for h in hdul] == ["PRIMARY", "A", "M", "B", "P"]
+        assert hdul[0].data is None and hdul[0].header["RUNPAR"] == 1.5
+        assert hdul["A"].header["BITPIX"] == -32 and hdul["M"].header["BITPIX"] == 16
+        assert hdul["B"].header["BITPIX"] == -64 and hdul["P"].header["BITPIX"] == -32
+        assert "BZERO" not in hdul["M"].header
+        assert hdul["A"].header["CTYPE1"] == "RA---TAN" and hdul["A"].header["FOO"] == 3
+        np.testing.assert_array_equal(hdul["A"].data, a)
+        np.testing.assert_array_equal(hdul["M"].data, m)
+        assert hdul["M"].data.dtype == np.dtype(">i2")
+        np.testing.assert_array_equal(hdul["B"].data, expect_b)
+        np.testing.assert_array_equal(hdul["P"].data, psf)
+    # and our own reader agrees
+    with ImageReader(f"{final}[M]") as rd:
+        np.testing.assert_array_equal(rd.read(Box(0, 50, 0, 70)), m.astype(np.float32))
+
+
+def test_output_replaces_existing_file(tmp_path):
+    final = tmp_path / "out.fits"
+    final.write_bytes(b"old contents")
+    of = OutputFile(final, [Plane("A", np.float32, (4, 4))])
+    assert final.read_bytes() == b"old contents"  # untouched until commit
+    of.write("A", Box(0, 4, 0, 4), np.full((4, 4), 7, np.float32))
+    of.commit()
+    np.testing.assert_array_equal(fits.getdata(final, "A"), np.full((4, 4), 7, np.float32))
+    assert _hidden(tmp_path) == []
+
+
+def test_output_abort(tmp_path):
+    final = tmp_path / "out.fits"
+    of = OutputFile(final, [Plane("A", np.float32, (40, 40))])
+    of.write("A", Box(0, 10, 0, 10), np.ones((10, 10), np.float32))
+    tmp = of.tmp
+    assert tmp.exists()
+    of.abort()
+    assert not tmp.exists() and not final.exists()
+    of.abort()  # idempotent
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_context_manager_aborts_on_error(tmp_path):
+    final = tmp_path / "out.fits"
+    with pytest.raises(RuntimeError):
+        with OutputFile(final, [Plane("A", np.float32, (8, 8))]) as of:
+            of.write("A", Box(0, 8, 0, 8), np.ones((8, 8), np.float32))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_directory_missing(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        OutputFile(tmp_path / "nope" / "out.fits", [Plane("A", np.float32, (8, 8))])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError):
+        OutputFile(tmp_path / "file" / "out.fits", [Plane("A", np.float32, (8, 8))])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_output_mode_follows_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        final = tmp_path / "out.fits"
+        of = OutputFile(final, [Plane("A", np.float32, (8, 8))])
+        of.commit()
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(plain.stat().st_mode) == 0o644
+    assert stat.S_IMODE(final.stat().st_mode) == 0o644
