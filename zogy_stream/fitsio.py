@@ -218,6 +218,11 @@ class ImageReader:
             release_rows(self._mm, self._data_offset, self._raw.strides[0], y, y1)
         return out
 
+    @staticmethod
+    def _assign(out: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        out[...] = raw
+        return out
+
     def _scale_raw(self, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
         bscale, bzero = self._scale
         if bscale != 1.0:
@@ -241,9 +246,15 @@ class ImageReader:
             rows = [np.asarray(self._section[y:y + 1, :], dtype=np.float32)[0, ::step]
                     for y in range(0, ny, step)]
             return np.array(rows, dtype=np.float32)
-        raw = self._raw[::step, ::step]  # touches only the sampled rows' pages
-        out = self._scale_raw(raw, raw.astype(np.float32))
-        self.release(Box(0, self.shape[0], 0, self.shape[1]))
+        ny = self.shape[0]
+        rows = np.arange(0, ny, step)
+        out = np.empty((rows.size, -(-self.shape[1] // step)), dtype=np.float32)
+        band = max(1, _CHUNK_ROWS // 8)
+        for i in range(0, rows.size, band):  # release as we go: RSS stays flat
+            sel = rows[i:i + band]
+            raw = self._raw[sel[0]:sel[-1] + 1:step, ::step]
+            self._scale_raw(raw, self._assign(out[i:i + sel.size], raw))
+            self.release(Box(int(sel[0]), int(sel[-1]) + 1, 0, self.shape[1]))
         return out
 
     def close(self) -> None:
