@@ -384,6 +384,27 @@ def cold_start(n: int, args, out: Path) -> dict:
             "other_load": run.other_load, "stages": info["stages"]}
 
 
+def image_space_vs_fourier(n: int, args, out: Path) -> dict:
+    """Wall time of the Fourier (default) and the --image-space paths on one scene."""
+    paths = ensure_scene(out, n, args.seed)
+    res = {"size": n}
+    for label, extra in (("fourier", []), ("image_space", ["--image-space"])):
+        cmd = subtract_cmd(paths, out / f"paths_{n}.fits", threads=args.threads, tile=args.tile,
+                           wisdom=out / "fftw_wisdom", flux_ratio=scene_flux_ratio(paths),
+                           extra=list(args.extra) + extra)
+        print(f"[{n}] {label} path ...", flush=True)
+        run_child(cmd, out / "logs" / f"paths_{n}_{label}_warm")  # compile / plan once
+        run = run_child(cmd, out / "logs" / f"paths_{n}_{label}")
+        if not run.ok:
+            return {"size": n, "status": "failed", "error": run.error_line()}
+        info = parse_summary(run.stdout)
+        res[label] = {"run_s": info["run_s"], "mpix_s": n * n / 1e6 / info["run_s"],
+                      "other_load": run.other_load}
+    (out / f"paths_{n}.fits").unlink(missing_ok=True)
+    res["status"] = "ok"
+    return res
+
+
 # ------------------------------------------------------------------------------ reporting
 def machine_info(threads: int) -> dict:
     import numba
@@ -424,7 +445,8 @@ def _table(header: list, rows: list) -> str:
     return "\n".join(lines)
 
 
-def render(results: list, machine: dict, cold: dict | None, propimg: dict) -> str:
+def render(results: list, machine: dict, cold: dict | None, propimg: dict,
+           paths: dict | None = None) -> str:
     ok = [r for r in results if r.status == "ok"]
     out = [f"# zogy_stream benchmark ({machine['date']})", "",
            f"{machine['cpu']}, {machine['cpus']} CPUs available, --threads {machine['threads']}; "
@@ -495,6 +517,17 @@ def render(results: list, machine: dict, cold: dict | None, propimg: dict) -> st
         out += ["## Baseline: plain whole-image NumPy ZOGY (`benchmarks/baseline_numpy.py`)", "",
                 _table(["size", "baseline wall s", "baseline compute s", "baseline peak RSS MiB",
                         "zogy_stream wall s", "ratio zogy_stream/baseline", "note"], rows), ""]
+    if paths is not None:
+        if paths["status"] == "ok":
+            f, i = paths["fourier"], paths["image_space"]
+            out += [f"## Fourier vs image-space path ({paths['size']}², run s)", "",
+                    _table(["path", "run s", "Mpix/s", "other load"],
+                           [["Fourier (default)", _f(f["run_s"]), _f(f["mpix_s"]),
+                             _f(f["other_load"])],
+                            ["--image-space", _f(i["run_s"]), _f(i["mpix_s"]),
+                             _f(i["other_load"])]]), ""]
+        else:
+            out += [f"Fourier vs image-space run failed: {paths['error']}", ""]
     out += [f"properimage: {propimg['status']} ({propimg['note']}).", ""]
     return "\n".join(out)
 
@@ -522,6 +555,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time one run of the first size with an empty Numba cache and no "
                         "wisdom file")
     p.add_argument("--keep-outputs", action="store_true", help="keep the subtraction outputs")
+    p.add_argument("--image-space-size", type=int, default=1024,
+                   help="scene size for the Fourier vs --image-space comparison (0: skip)")
     p.add_argument("--quick", action="store_true",
                    help="smoke check: 2048 only, 3 FFT repeats (overrides --sizes)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
@@ -534,6 +569,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.fft_repeats, args.fft_min_seconds = [2048], 3, 0.5
+        args.image_space_size = min(args.image_space_size, 512)
     if args.threads < 1 or any(n < 64 for n in args.sizes):
         p.error("--threads must be >= 1 and every size >= 64")
     return args
@@ -550,15 +586,17 @@ def main(argv=None) -> int:
     machine = machine_info(args.threads)
     cold = cold_start(args.sizes[0], args, out) if args.cold_start else None
     results = [bench_size(n, args, out) for n in args.sizes]
+    paths = (image_space_vs_fourier(args.image_space_size, args, out)
+             if args.image_space_size else None)
     propimg = properimage_status()
-    text = render(results, machine, cold, propimg)
+    text = render(results, machine, cold, propimg, paths)
     print("\n" + text)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(
         {"machine": machine, "args": {k: (str(v) if isinstance(v, Path) else v)
                                       for k, v in vars(args).items()
                                       if not k.startswith("worker")},
-         "cold_start": cold, "properimage": propimg,
+         "cold_start": cold, "properimage": propimg, "paths": paths,
          "results": [asdict(r) for r in results]}, indent=2) + "\n")
     print(f"results: {out / 'results.md'}, {out / 'results.json'}")
     return 0 if all(r.status == "ok" for r in results) else 1
