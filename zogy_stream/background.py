@@ -94,7 +94,8 @@ def _clipped_stats(img, y0, y1, x0, x1, step, saturation, clip, iters):
         used = m
         nlo = mean - clip * std
         nhi = mean + clip * std
-        if abs(nlo - lo) <= 1e-6 * std and abs(nhi - hi) <= 1e-6 * std:
+        # converged when the clip limits move by < 0.1% of sigma (a few passes)
+        if abs(nlo - lo) <= 1e-3 * std and abs(nhi - hi) <= 1e-3 * std:
             break
         lo, hi = nlo, nhi
     if used == 0:
@@ -171,20 +172,22 @@ class MeshBackground:
         self._bkg = np.full(self.n_cells, np.nan)
         self._rms = np.full(self.n_cells, np.nan)
 
-    def _compute(self, i: int, j: int) -> None:
+    def _compute_row(self, i: int) -> None:
+        """All cells of cell row ``i`` from one read of its band of rows
+        (reading cell by cell would map and drop the same pages many times)."""
         ny, nx = self.reader.shape
         b = self.cell
-        box = Box(i * b, min((i + 1) * b, ny), j * b, min((j + 1) * b, nx))
+        box = Box(i * b, min((i + 1) * b, ny), 0, nx)
         pix = self.reader.read(box)
-        self.reader.release(box)
-        mean, std, n = _clipped_stats(pix, 0, pix.shape[0], 0, pix.shape[1], 1,
-                                      self.saturation, CLIP, 20)
-        if n == 0:  # nothing usable (all NaN/saturated): neutral values
-            mean, sig = np.nan, self.fallback_sigma
-        else:
-            sig = std / _TRUNC if std > 0 else self.fallback_sigma
-        self._bkg[i, j] = mean if self.subtract else 0.0
-        self._rms[i, j] = sig
+        for j in range(self.n_cells[1]):
+            mean, std, n = _clipped_stats(pix, 0, pix.shape[0], j * b, min((j + 1) * b, nx), 1,
+                                          self.saturation, CLIP, 8)
+            if n == 0:  # nothing usable (all NaN/saturated): neutral values
+                mean, sig = np.nan, self.fallback_sigma
+            else:
+                sig = std / _TRUNC if std > 0 else self.fallback_sigma
+            self._bkg[i, j] = mean if self.subtract else 0.0
+            self._rms[i, j] = sig
 
     def mesh(self, box: Box) -> tuple[np.ndarray, int, int, float]:
         """Cell values needed to interpolate over ``box`` (image pixels).
@@ -202,9 +205,8 @@ class MeshBackground:
         j0 = max(0, (clip.x0 - b // 2) // b)
         j1 = min(self.n_cells[1], (clip.x1 - 1 + b // 2) // b + 1)
         for i in range(i0, i1):
-            for j in range(j0, j1):
-                if np.isnan(self._rms[i, j]):
-                    self._compute(i, j)
+            if np.isnan(self._rms[i, 0]):
+                self._compute_row(i)
         vals = self._bkg[i0:i1, j0:j1].astype(np.float64)
         bad = ~np.isfinite(vals)
         if bad.all():
