@@ -16,7 +16,7 @@ __all__ = ["find_candidates", "candidate_table", "write_catalog", "CANDIDATE_COL
 log = logging.getLogger(__name__)
 
 CANDIDATE_COLUMNS = ("x", "y", "ra", "dec", "scorr", "flux", "flux_err", "sign",
-                     "x_peak", "y_peak", "mask", "tile")
+                     "x_peak", "y_peak", "mask", "tile", "flags", "sharp")
 
 
 def _refine(v: np.ndarray, i: int, j: int) -> tuple[float, float]:
@@ -54,6 +54,7 @@ def candidate_table(parts: list[Table], *, wcs=None) -> Table:
     parts = [p for p in parts if len(p)]
     if parts:
         tab = vstack(parts, metadata_conflicts="silent")
+        tab.meta = {}
     else:
         tab = find_candidates(np.zeros((3, 3), np.float32), np.zeros((3, 3), np.float32),
                               np.zeros((3, 3), np.float32), np.zeros((3, 3), np.uint8),
@@ -66,6 +67,7 @@ def candidate_table(parts: list[Table], *, wcs=None) -> Table:
     tab.add_column(np.asarray(dec, float), name="dec", index=3)
     tab["ra"].unit = "deg"
     tab["dec"].unit = "deg"
+    tab.meta.pop("tile_stats", None)
     if len(tab):
         tab = tab[np.argsort(-np.abs(tab["scorr"]), kind="stable")]
     return tab

@@ -60,6 +60,34 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _flux_ratio(text: str):
+    t = text.strip().lower()
+    if t in ("auto", "local"):
+        return t
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, auto or local, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
+    return v
+
+
+def _odd_int(text: str) -> int:
+    v = _positive_int(text)
+    if v < 3 or v % 2 == 0:
+        raise argparse.ArgumentTypeError(f"expected an odd number >= 3, got {v}")
+    return v
+
+
+def _astrometric_sigma(values):
+    if len(values) == 1 and values[0].strip().lower() == "auto":
+        return "auto"
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError("--astrometric-sigma takes SX SY or auto")
+    return tuple(_nonneg_float(v) for v in values)
+
+
 def _common_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("output and logging")
@@ -74,12 +102,27 @@ def subtraction_parent() -> argparse.ArgumentParser:
     ``subtract`` and ``daemon``."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("inputs")
-    g.add_argument("--new-psf", metavar="F", help="PSF image FITS of NEW (centred; normalised on read)")
-    g.add_argument("--ref-psf", metavar="F", help="PSF image FITS of REF")
+    g.add_argument("--new-psf", metavar="F",
+                   help="PSF of NEW: a centred PSF image FITS or a PSFEx .psf model "
+                        "(default: estimated from the stars, per tile)")
+    g.add_argument("--ref-psf", metavar="F", help="PSF of REF (as --new-psf)")
+    g.add_argument("--psf-size", metavar="N", type=_odd_int,
+                   help="odd side of estimated/PSFEx PSFs (default from the FWHM)")
+    g.add_argument("--no-local-psf", action="store_true",
+                   help="estimated PSFs: use the mosaic-wide PSF for every tile")
     g.add_argument("--new-var", metavar="F", help="per-pixel variance map of NEW")
     g.add_argument("--ref-var", metavar="F", help="per-pixel variance map of REF")
     g.add_argument("--new-mask", metavar="F", help="bad-pixel mask of NEW (non-zero = bad)")
     g.add_argument("--ref-mask", metavar="F", help="bad-pixel mask of REF (non-zero = bad)")
+    g.add_argument("--new-weight", metavar="F",
+                   help="inverse-variance weight map of NEW (variance = 1/w; w <= 0 masked)")
+    g.add_argument("--ref-weight", metavar="F", help="inverse-variance weight map of REF")
+    g.add_argument("--gain", metavar="G", type=_positive_float,
+                   help="gain of both images in e-/ADU (overrides the header)")
+    g.add_argument("--gain-key", metavar="KEY", default="GAIN",
+                   help="header keyword of the gain (default GAIN)")
+    g.add_argument("--saturate-key", metavar="KEY", default="SATURATE",
+                   help="header keyword of the saturation level (default SATURATE)")
     g.add_argument("--new-gain", metavar="G", type=_positive_float,
                    help="gain of NEW in e-/ADU for the Poisson variance (default: GAIN keyword)")
     g.add_argument("--ref-gain", metavar="G", type=_positive_float, help="gain of REF (default: GAIN keyword)")
@@ -88,10 +131,20 @@ def subtraction_parent() -> argparse.ArgumentParser:
     g.add_argument("--ref-saturation", metavar="ADU", type=_positive_float,
                    help="saturation level of REF (default: SATURATE keyword)")
     g = p.add_argument_group("ZOGY")
-    g.add_argument("--flux-ratio", metavar="F", type=_positive_float, default=1.0,
-                   help="F_n/F_r, the new image's flux scale relative to REF (default 1.0)")
-    g.add_argument("--astrometric-sigma", metavar=("SX", "SY"), nargs=2, type=_nonneg_float,
-                   default=(0.0, 0.0), help="registration noise in pixels for V_ast (default 0 0)")
+    g.add_argument("--flux-ratio", metavar="F|auto|local", type=_flux_ratio, default="auto",
+                   help="F_n/F_r, the new image's flux scale relative to REF: a number, auto "
+                        "(default: fitted from matched stars) or local (per tile)")
+    g.add_argument("--astrometric-sigma", metavar="SX SY|auto", nargs="+",
+                   default=["0", "0"],
+                   help="registration noise in pixels for V_ast, or auto (from matched "
+                        "stars; default 0 0)")
+    g.add_argument("--no-noise-correction", action="store_true",
+                   help="do not rescale S_corr per tile to unit dispersion on blank sky")
+    g.add_argument("--cosmic-rays", choices=("auto", "on", "off"), default="auto",
+                   help="mask cosmic rays (auto: on for single exposures given without "
+                        "variance/weight map or mask, off for coadds with NCOMBINE > 1)")
+    g.add_argument("--zeropoint", metavar="ZP", type=float,
+                   help="zero point of REF units: adds mag, mag_err to the catalogue")
     g.add_argument("--no-background", action="store_true",
                    help="images are background-subtracted already")
     g.add_argument("--bkg-mesh", metavar="N", type=_positive_int, default=256,
@@ -116,6 +169,17 @@ def subtraction_parent() -> argparse.ArgumentParser:
     return p
 
 
+def _ast_kw(values):
+    from .errors import ConfigError
+
+    if isinstance(values, (str, tuple)):
+        return values
+    try:
+        return _astrometric_sigma(list(values))
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"argument --astrometric-sigma: {exc}") from None
+
+
 def subtract_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments of :func:`zogy_stream.subtract` from parsed options."""
     return dict(
@@ -123,7 +187,11 @@ def subtract_kwargs(args: argparse.Namespace) -> dict:
         new_mask=args.new_mask, ref_mask=args.ref_mask, new_gain=args.new_gain,
         ref_gain=args.ref_gain, new_saturation=args.new_saturation,
         ref_saturation=args.ref_saturation, flux_ratio=args.flux_ratio,
-        astrometric_sigma=tuple(args.astrometric_sigma), background=not args.no_background,
+        astrometric_sigma=_ast_kw(args.astrometric_sigma), background=not args.no_background,
+        new_weight=args.new_weight, ref_weight=args.ref_weight, gain=args.gain,
+        gain_key=args.gain_key, saturate_key=args.saturate_key, psf_size=args.psf_size,
+        local_psf=not args.no_local_psf, noise_correction=not args.no_noise_correction,
+        cosmic_rays=args.cosmic_rays, zeropoint=args.zeropoint,
         bkg_mesh=args.bkg_mesh, threshold=args.threshold, tile=args.tile, overlap=args.overlap,
         threads=args.threads, image_space=args.image_space,
         wisdom=False if args.no_wisdom else args.wisdom, fft_effort=args.fft_effort,
@@ -136,6 +204,7 @@ def _cmd_subtract(args) -> int:
     from .pipeline import subtract
 
     summary = subtract(args.new, args.ref, args.output, catalog=args.catalog,
+                       stamps=args.stamps, png=args.png,
                        progress=not args.quiet, **subtract_kwargs(args))
     ny, nx = summary.shape
     print(f"{summary.out}: {nx}x{ny}, {summary.n_tiles} tiles, {summary.n_candidates} candidates"
@@ -170,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("ref", metavar="REF.fits", help="reference image on the same pixel grid")
     sp.add_argument("-o", "--output", metavar="OUT.fits", required=True, help="output FITS file")
     sp.add_argument("--catalog", metavar="CAT.ecsv", help="write candidates (ECSV, or FITS by suffix)")
+    sp.add_argument("--stamps", metavar="STAMPS.fits",
+                    help="31x31 cut-outs of NEW, REF, D and S_corr per candidate")
+    sp.add_argument("--png", metavar="QUICKLOOK.png",
+                    help="down-sampled S_corr with candidates circled (needs matplotlib)")
     sp.add_argument("--timings", action="store_true", help="print the time spent per stage")
     sp.set_defaults(func=_cmd_subtract)
     dp = sub.add_parser("demo", parents=[common], help="simulate a scene and subtract it",

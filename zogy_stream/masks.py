@@ -1,7 +1,8 @@
 """Bits of the MASK output plane.
 
 A pixel's value is the OR of these flags.  Candidates are never taken where
-any of ``EXCLUDE_CANDIDATE`` is set; ``EDGE`` is informational (the kernel
+any of ``EXCLUDE_CANDIDATE`` is set (COSMIC included: cosmic-ray pixels are
+filled with noise like other bad pixels, but not grown); ``EDGE`` is informational (the kernel
 footprint reaches outside the image, which is filled with noise there).
 """
 from enum import IntFlag
@@ -17,6 +18,7 @@ class MaskBit(IntFlag):
     NEAR = 16        #: within the kernel footprint of a pixel flagged above
     EDGE = 32        #: within the kernel footprint of the image border
     OUTSIDE = 64     #: outside the image (internal; never in a written core)
+    COSMIC = 128     #: cosmic-ray hit detected in either single exposure
 
 
 EXCLUDE_CANDIDATE = int(MaskBit.BAD_NEW | MaskBit.BAD_REF | MaskBit.SATURATED

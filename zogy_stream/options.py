@@ -1,6 +1,7 @@
 """Options, normalised once at the entry point into a frozen dataclass."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -26,10 +27,14 @@ class Options:
 
     Attributes
     ----------
-    flux_ratio : float
-        F_n / F_r (F_r = 1): FLUX is in the reference image's units.
-    astrometric_sigma : (float, float)
-        Registration noise (sigma_x, sigma_y) in pixels for V_ast.
+    flux_ratio : float, "auto" or "local"
+        F_n / F_r (F_r = 1): FLUX is in the reference image's units.  ``"auto"``
+        (the default) fits it from matched bright stars in a few sampled regions
+        at plan time (1.0 with a warning when too few stars); ``"local"`` fits it
+        per tile, falling back to the global fit.
+    astrometric_sigma : (float, float) or "auto"
+        Registration noise (sigma_x, sigma_y) in pixels for V_ast; ``"auto"``
+        estimates it from the scatter of matched stars' centroid offsets.
     tile : int
         Side of the square tile core in pixels.
     overlap : int or None
@@ -59,10 +64,27 @@ class Options:
         Seed of the noise that fills masked and off-image pixels.
     durable : bool
         fsync outputs before renaming them into place.
+    gain : float or None
+        Gain of both images (overridden by ``new_gain``/``ref_gain``; default
+        the ``gain_key`` header keyword).
+    gain_key, saturate_key : str
+        Header keywords holding the gain and the saturation level.
+    psf_size : int or None
+        Odd side of estimated / PSFEx-evaluated PSFs (default from the FWHM).
+    local_psf : bool
+        Estimate a PSF per tile from its own stars (when no PSF is given).
+    noise_correction : bool
+        Rescale S_corr per tile by its measured robust dispersion on blank sky
+        (correlated noise of resampled/coadded images).
+    cosmic_rays : str
+        ``auto`` (on for an image given without variance/weight map and mask
+        and not a coadd, NCOMBINE <= 1), ``on`` or ``off``.
+    zeropoint : float or None
+        Photometric zero point of the reference units: adds ``mag``, ``mag_err``.
     """
 
-    flux_ratio: float = 1.0
-    astrometric_sigma: tuple[float, float] = (0.0, 0.0)
+    flux_ratio: float | str = "auto"
+    astrometric_sigma: tuple[float, float] | str = (0.0, 0.0)
     tile: int = 1024
     overlap: int | None = None
     threads: int = 0
@@ -79,6 +101,14 @@ class Options:
     prefetch: int = 1
     seed: int = 0
     durable: bool = False
+    gain: float | None = None
+    gain_key: str = "GAIN"
+    saturate_key: str = "SATURATE"
+    psf_size: int | None = None
+    local_psf: bool = True
+    noise_correction: bool = True
+    cosmic_rays: str = "auto"
+    zeropoint: float | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "Options":
@@ -95,14 +125,42 @@ class Options:
             raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
         kw = {k: v for k, v in kwargs.items() if v is not None or k in ("overlap", "wisdom")}
         o = cls(**kw)
-        try:
-            sig = tuple(float(v) for v in o.astrometric_sigma)
-        except (TypeError, ValueError):
-            raise ConfigError("astrometric_sigma must be two numbers (sigma_x, sigma_y)") from None
-        if len(sig) != 2 or min(sig) < 0:
-            raise ConfigError(f"astrometric_sigma must be two values >= 0, got {o.astrometric_sigma}")
-        if not float(o.flux_ratio) > 0:
-            raise ConfigError(f"flux_ratio must be > 0, got {o.flux_ratio}")
+        if isinstance(o.astrometric_sigma, str):
+            if o.astrometric_sigma.strip().lower() != "auto":
+                raise ConfigError("astrometric_sigma must be two numbers or 'auto', got "
+                                  f"{o.astrometric_sigma!r}")
+            sig = "auto"
+        else:
+            try:
+                sig = tuple(float(v) for v in o.astrometric_sigma)
+            except (TypeError, ValueError):
+                raise ConfigError("astrometric_sigma must be two numbers (sigma_x, sigma_y) "
+                                  "or 'auto'") from None
+            if len(sig) != 2 or min(sig) < 0:
+                raise ConfigError(f"astrometric_sigma must be two values >= 0, got "
+                                  f"{o.astrometric_sigma}")
+        fr = o.flux_ratio
+        if isinstance(fr, str) and fr.strip().lower() in ("auto", "local"):
+            fr = fr.strip().lower()
+        else:
+            try:
+                fr = float(fr)
+            except (TypeError, ValueError):
+                raise ConfigError(f"flux_ratio must be a number > 0, 'auto' or 'local', "
+                                  f"got {o.flux_ratio!r}") from None
+            if not fr > 0:
+                raise ConfigError(f"flux_ratio must be > 0, got {o.flux_ratio}")
+        cr = str(o.cosmic_rays).lower()
+        if cr in ("true", "1", "yes"):
+            cr = "on"
+        if cr in ("false", "0", "no", "none"):
+            cr = "off"
+        if cr not in ("auto", "on", "off"):
+            raise ConfigError(f"cosmic_rays must be auto, on or off, got {o.cosmic_rays!r}")
+        if o.psf_size is not None and (int(o.psf_size) < 3 or int(o.psf_size) % 2 == 0):
+            raise ConfigError(f"psf_size must be an odd number >= 3, got {o.psf_size}")
+        if o.zeropoint is not None and not math.isfinite(float(o.zeropoint)):
+            raise ConfigError(f"zeropoint must be a finite number, got {o.zeropoint}")
         if int(o.tile) < 32:
             raise ConfigError(f"tile must be >= 32 pixels, got {o.tile}")
         if o.overlap is not None and int(o.overlap) < 2:
@@ -113,7 +171,7 @@ class Options:
             raise ConfigError(f"bkg_mesh must be >= 16 pixels, got {o.bkg_mesh}")
         if not float(o.threshold) > 0:
             raise ConfigError(f"threshold must be > 0, got {o.threshold}")
-        for name in ("new_gain", "ref_gain", "new_saturation", "ref_saturation"):
+        for name in ("gain", "new_gain", "ref_gain", "new_saturation", "ref_saturation"):
             v = getattr(o, name)
             if v is not None and not float(v) > 0:
                 raise ConfigError(f"{name} must be > 0, got {v}")
@@ -126,7 +184,7 @@ class Options:
         if wisdom is not None and wisdom is not False:
             wisdom = Path(wisdom)
         return cls(
-            flux_ratio=float(o.flux_ratio), astrometric_sigma=sig, tile=int(o.tile),
+            flux_ratio=fr, astrometric_sigma=sig, tile=int(o.tile),
             overlap=None if o.overlap is None else int(o.overlap),
             threads=int(o.threads) or default_threads(), image_space=bool(o.image_space),
             wisdom=wisdom, background=bool(o.background), bkg_mesh=int(o.bkg_mesh),
@@ -137,4 +195,9 @@ class Options:
             ref_gain=None if o.ref_gain is None else float(o.ref_gain),
             fft_effort=_EFFORTS[effort], prefetch=int(o.prefetch), seed=int(o.seed),
             durable=bool(o.durable),
+            gain=None if o.gain is None else float(o.gain),
+            gain_key=str(o.gain_key).upper(), saturate_key=str(o.saturate_key).upper(),
+            psf_size=None if o.psf_size is None else int(o.psf_size),
+            local_psf=bool(o.local_psf), noise_correction=bool(o.noise_correction),
+            cosmic_rays=cr, zeropoint=None if o.zeropoint is None else float(o.zeropoint),
         )

@@ -11,6 +11,7 @@ tile results as they are done, reading ahead in a background thread;
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ from .catalog import candidate_table, find_candidates, write_catalog
 from .errors import Cancelled, InputError
 from .fft import Wisdom, default_wisdom_path
 from .fitsio import ImageReader, OutputFile, Plane, wcs_cards
-from .masks import EXCLUDE_CANDIDATE
+from .masks import EXCLUDE_CANDIDATE, MaskBit
 from .options import Options
 from .psf import load_psf, psf_fwhm
 from .tiles import Box, Tile, TileGrid
@@ -66,12 +67,15 @@ class Inputs:
     ref_var: object = None
     new_mask: object = None
     ref_mask: object = None
+    new_weight: object = None
+    ref_weight: object = None
 
     def sources(self) -> dict[str, object]:
         """The image-shaped inputs that are given, by label."""
         items = {"NEW": self.new, "REF": self.ref, "--new-var": self.new_var,
                  "--ref-var": self.ref_var, "--new-mask": self.new_mask,
-                 "--ref-mask": self.ref_mask}
+                 "--ref-mask": self.ref_mask, "--new-weight": self.new_weight,
+                 "--ref-weight": self.ref_weight}
         return {k: v for k, v in items.items() if v is not None}
 
 
@@ -92,16 +96,29 @@ class RunPlan:
     peak_radius: int
     grid: TileGrid
     new_header: fits.Header = field(repr=False)
+    psf_sources: tuple = (None, None)
+    flux_ratio: float = 1.0
+    flux_ratio_err: float = float("nan")
+    flux_ratio_src: str = "user"
+    astrometric_sigma: tuple[float, float] = (0.0, 0.0)
+    astrometric_src: str = "user"
+    cosmics: tuple[bool, bool] = (False, False)
+    read_noise: tuple[float | None, float | None] = (None, None)
+    bleed: int = 0
 
     @property
     def has_var(self) -> bool:
         i = self.inputs
-        return i.new_var is not None or i.ref_var is not None or any(
-            g is not None for g in self.gain)
+        return (i.new_var is not None or i.ref_var is not None or i.new_weight is not None
+                or i.ref_weight is not None or any(g is not None for g in self.gain))
 
     @property
     def split(self) -> bool:
-        return max(self.opts.astrometric_sigma) > 0
+        return max(self.astrometric_sigma) > 0
+
+    @property
+    def local_flux_ratio(self) -> bool:
+        return self.opts.flux_ratio == "local"
 
 
 @dataclass(frozen=True)
@@ -135,6 +152,9 @@ class SubtractSummary:
     n_tiles: int
     seconds: float
     timings: dict
+    stamps: Path | None = None
+    png: Path | None = None
+    header: object = None
 
     @property
     def mpix_per_s(self) -> float:
@@ -150,10 +170,15 @@ def _header_float(header, key: str) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def _global_sigma(reader: ImageReader, var_reader: ImageReader | None, sat: float) -> float:
+def _global_sigma(reader: ImageReader, var_reader: ImageReader | None, sat: float,
+                  weight_reader: ImageReader | None = None) -> float:
     step = max(1, int(math.sqrt(reader.shape[0] * reader.shape[1] / 250_000)))
     img = reader.sample(step)
     var = var_reader.sample(step) if var_reader is not None else None
+    if weight_reader is not None:
+        w = weight_reader.sample(step)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            var = np.where(w > 0, 1.0 / w, np.nan).astype(np.float32)
     if not np.any(np.isfinite(img)):
         raise InputError(f"{reader.label}: image has no finite pixels")
     return tile_stats(img, variance=var, saturation=sat).sigma
@@ -176,41 +201,119 @@ def plan_run(inputs: Inputs, opts: Options) -> RunPlan:
             if rd.shape != shape:
                 raise InputError(f"{label} has shape {rd.shape[1]}x{rd.shape[0]} but NEW is "
                                  f"{shape[1]}x{shape[0]}; images must be registered on one grid")
-        for label, psf in (("--new-psf", inputs.new_psf), ("--ref-psf", inputs.ref_psf)):
-            if psf is None:
-                raise InputError(f"no PSF given for {label[2:5].upper()}: pass {label} FILE "
-                                 "(a centred PSF image)")
-        new_psf = load_psf(inputs.new_psf, label="--new-psf")
-        ref_psf = load_psf(inputs.ref_psf, label="--ref-psf")
+        for img in ("new", "ref"):
+            if getattr(inputs, f"{img}_var") is not None and getattr(inputs, f"{img}_weight") is not None:
+                raise InputError(f"give --{img}-var or --{img}-weight, not both")
         hn, hr = readers["NEW"].header, readers["REF"].header
-        sat = (opts.new_saturation or _header_float(hn, "SATURATE") or math.inf,
-               opts.ref_saturation or _header_float(hr, "SATURATE") or math.inf)
-        gain = (opts.new_gain or _header_float(hn, "GAIN"), opts.ref_gain or _header_float(hr, "GAIN"))
-        if inputs.new_var is not None:
-            gain = (None, gain[1])
-        if inputs.ref_var is not None:
-            gain = (gain[0], None)
-        sigma = (_global_sigma(readers["NEW"], readers.get("--new-var"), sat[0]),
-                 _global_sigma(readers["REF"], readers.get("--ref-var"), sat[1]))
+        sk, gk = opts.saturate_key, opts.gain_key
+        sat = (opts.new_saturation or _header_float(hn, sk) or math.inf,
+               opts.ref_saturation or _header_float(hr, sk) or math.inf)
+        gain = [opts.new_gain or opts.gain or _header_float(hn, gk),
+                opts.ref_gain or opts.gain or _header_float(hr, gk)]
+        for k, img in enumerate(("new", "ref")):
+            if (getattr(inputs, f"{img}_var") is not None
+                    or getattr(inputs, f"{img}_weight") is not None):
+                gain[k] = None
+            elif gain[k] is None and not isinstance(getattr(inputs, img), np.ndarray):
+                log.warning("%s has no %s keyword and no --gain was given: its variance is the "
+                            "background variance only (no source Poisson term)",
+                            img.upper(), gk)
+        gain = tuple(gain)
+        sigma = (_global_sigma(readers["NEW"], readers.get("--new-var"), sat[0],
+                               readers.get("--new-weight")),
+                 _global_sigma(readers["REF"], readers.get("--ref-var"), sat[1],
+                               readers.get("--ref-weight")))
+        cal = _calibrate(inputs, opts, readers, shape, sat, gain)
     finally:
         for rd in readers.values():
             rd.close()
-    kw = dict(sigma_n=sigma[0], sigma_r=sigma[1], flux_ratio=opts.flux_ratio)
-    rk = kernel_radius(new_psf, ref_psf, **kw)
-    grow = kernel_radius(new_psf, ref_psf, tol=1e-3, **kw)
-    peak = max(2, int(round(0.5 * max(psf_fwhm(new_psf), psf_fwhm(ref_psf)))))
+    src_n, src_r, fr, fr_err, fr_src, ast, ast_src = cal
+    new_psf, ref_psf = src_n.psf, src_r.psf
+    kw = dict(sigma_n=sigma[0], sigma_r=sigma[1], flux_ratio=fr)
+    big_n, big_r = src_n.largest, src_r.largest
+    rk = kernel_radius(big_n, big_r, **kw)
+    grow = kernel_radius(big_n, big_r, tol=1e-3, **kw)
+    fwhm_max = max(psf_fwhm(big_n), psf_fwhm(big_r))
+    peak = max(2, int(round(0.5 * fwhm_max)))
     margin = opts.overlap if opts.overlap is not None else rk + peak + 2
     if opts.image_space and margin < rk + peak + 2:
         raise InputError(f"--overlap {margin} is smaller than the image-space kernel needs "
                          f"({rk + peak + 2}); drop --overlap or raise it")
     margin = max(margin, peak + 2)
     grid = TileGrid(shape, opts.tile, margin)
+    cosmics = tuple(_cosmics_on(opts.cosmic_rays, inputs, img, h)
+                    for img, h in (("new", hn), ("ref", hr)))
+    rn = (_header_float(hn, "RDNOISE"), _header_float(hr, "RDNOISE"))
+    bleed = int(min(margin, max(4, round(3 * fwhm_max))))
     log.info("image %dx%d, %d tiles of %d (padded %dx%d), kernel radius %d px, "
-             "sigma new %.4g ref %.4g", shape[1], shape[0], len(grid), opts.tile,
-             grid.size[1], grid.size[0], rk, sigma[0], sigma[1])
+             "sigma new %.4g ref %.4g; PSFs: new %s, ref %s; flux ratio %.4g (%s); "
+             "astrometric sigma %.3g %.3g (%s); cosmic rays new %s ref %s", shape[1], shape[0],
+             len(grid), opts.tile, grid.size[1], grid.size[0], rk, sigma[0], sigma[1],
+             src_n.kind, src_r.kind, fr, fr_src, ast[0], ast[1], ast_src,
+             "on" if cosmics[0] else "off", "on" if cosmics[1] else "off")
     return RunPlan(inputs=inputs, opts=opts, shape=shape, new_psf=new_psf, ref_psf=ref_psf,
                    saturation=sat, gain=gain, sigma=sigma, kernel_radius=rk,
-                   grow_radius=grow, peak_radius=peak, grid=grid, new_header=hn)
+                   grow_radius=grow, peak_radius=peak, grid=grid, new_header=hn,
+                   psf_sources=(src_n, src_r), flux_ratio=fr, flux_ratio_err=fr_err,
+                   flux_ratio_src=fr_src, astrometric_sigma=ast, astrometric_src=ast_src,
+                   cosmics=cosmics, read_noise=rn, bleed=bleed)
+
+
+def _cosmics_on(mode: str, inputs: Inputs, img: str, header) -> bool:
+    """``--cosmic-rays auto``: on for an image given without a variance/weight map
+    or mask, whose header identifies an exposure (EXPTIME, EXPOSURE, GAIN, RDNOISE or
+    DATE-OBS) and does not mark a coadd (NCOMBINE > 1); arrays and bare files: off."""
+    if mode != "auto":
+        return mode == "on"
+    if any(getattr(inputs, f"{img}_{k}") is not None for k in ("var", "weight", "mask")):
+        return False
+    if isinstance(getattr(inputs, img), np.ndarray) or not any(
+            k in header for k in ("EXPTIME", "EXPOSURE", "GAIN", "RDNOISE", "DATE-OBS")):
+        return False  # no header that identifies an exposure (arrays, bare files): off
+    try:
+        ncombine = float(header.get("NCOMBINE", 1))
+    except (TypeError, ValueError):
+        ncombine = 1.0
+    return not ncombine > 1
+
+
+def _calibrate(inputs: Inputs, opts: Options, readers, shape, sat, gain):
+    """PSF sources, flux ratio and astrometric sigma (estimated from stars when needed)."""
+    from . import calibrate as cb
+
+    src_n = cb.load_psf_source(inputs.new_psf, "NEW", psf_size=opts.psf_size)
+    src_r = cb.load_psf_source(inputs.ref_psf, "REF", psf_size=opts.psf_size)
+    for i, src in enumerate((src_n, src_r)):
+        if src is not None and src.kind == "psfex":
+            centre, largest = cb.psfex_extremes(src, shape)
+            src = dataclasses.replace(src, psf=centre, largest=largest)
+            if i == 0:
+                src_n = src
+            else:
+                src_r = src
+    fr_auto = opts.flux_ratio in ("auto", "local")
+    ast_auto = opts.astrometric_sigma == "auto"
+    regions_n = regions_r = None
+    if src_n is None or src_r is None or fr_auto or ast_auto:
+        boxes = cb.sample_boxes(shape)
+        regions_n = cb.region_stars(readers["NEW"], boxes, saturation=sat[0], gain=gain[0])
+        regions_r = cb.region_stars(readers["REF"], boxes, saturation=sat[1], gain=gain[1])
+    if src_n is None:
+        src_n = cb.estimate_global_psf(regions_n, "NEW", saturation=sat[0],
+                                       psf_size=opts.psf_size, local=opts.local_psf)
+    if src_r is None:
+        src_r = cb.estimate_global_psf(regions_r, "REF", saturation=sat[1],
+                                       psf_size=opts.psf_size, local=opts.local_psf)
+    if fr_auto:
+        fr, fr_err, _, fr_src = cb.fit_global_flux_ratio(regions_n, regions_r)
+    else:
+        fr, fr_err, fr_src = float(opts.flux_ratio), float("nan"), "user"
+    if ast_auto:
+        sx, sy, _, ast_src = cb.fit_global_astrometric_sigma(regions_n, regions_r)
+        ast = (sx, sy)
+    else:
+        ast, ast_src = tuple(opts.astrometric_sigma), "user"
+    return src_n, src_r, fr, fr_err, fr_src, ast, ast_src
 
 
 # ----------------------------------------------------------------- per process
@@ -219,6 +322,7 @@ class _Loaded:
     tile: Tile
     windows: dict
     stats: tuple
+    extra: dict = field(default_factory=dict)
 
 
 class TileEngine:
@@ -273,6 +377,12 @@ class TileEngine:
         win = {label: rd.read(tile.valid) for label, rd in self.readers.items()}
         for rd in self.readers.values():
             rd.release(tile.valid)
+        for img in ("new", "ref"):
+            wt = win.pop(f"--{img}-weight", None)
+            if wt is not None:  # inverse variance; w <= 0 (or NaN) is masked via a NaN variance
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    win[f"--{img}-var"] = np.where(wt > 0, 1.0 / wt, np.nan).astype(np.float32)
+        extra = self._tile_calibration(tile, win)
         stats = []
         ly, lx = p.grid.size
         for mesh, var in ((self.mesh_new, win.get("--new-var")), (self.mesh_ref, win.get("--ref-var"))):
@@ -288,7 +398,119 @@ class TileEngine:
                 sigma = math.sqrt(float(np.median(v))) if v.size else sigma
             stats.append((rows, xi, xw, sigma, float(values.mean())))
         self.timings["read+stats"] += time.perf_counter() - t0
-        return _Loaded(tile, win, tuple(stats))
+        return _Loaded(tile, win, tuple(stats), extra)
+
+    def _tile_calibration(self, tile: Tile, win: dict) -> dict:
+        """Per-tile masks (bleed, cosmic rays), PSFs and flux ratio (reader thread)."""
+        from scipy import ndimage
+
+        p, o = self.plan, self.plan.opts
+        extra: dict = {}
+        bits = None
+        fwhm = max(psf_fwhm(p.new_psf), psf_fwhm(p.ref_psf))
+        for k, (label, mlabel) in enumerate((("NEW", "--new-mask"), ("REF", "--ref-mask"))):
+            img = win[label]
+            sat = p.saturation[k]
+            if math.isfinite(sat):
+                s = img >= sat
+                if s.any():  # bleed footprint: generously along columns, a little across
+                    g = ndimage.maximum_filter1d(s.view(np.uint8), 2 * p.bleed + 1, axis=0)
+                    g = ndimage.maximum_filter1d(g, 5, axis=1)
+                    bits = np.zeros(img.shape, np.uint8) if bits is None else bits
+                    bits[g > 0] |= int(MaskBit.SATURATED)
+            if p.cosmics[k]:
+                t0 = time.perf_counter()
+                cr = self._cosmics(img, k, fwhm, win.get(mlabel))
+                self.timings["cosmics"] += time.perf_counter() - t0
+                extra[f"n_cosmic_{label.lower()}"] = int(cr.sum())
+                if cr.any():
+                    bits = np.zeros(img.shape, np.uint8) if bits is None else bits
+                    bits[cr] |= int(MaskBit.COSMIC)
+        if bits is not None:
+            user = None
+            for mlabel in ("--new-mask", "--ref-mask"):
+                m = win.get(mlabel)
+                if m is not None:
+                    user = (m != 0) if user is None else (user | (m != 0))
+            extra["bits"] = bits
+            extra["user"] = user
+            for mlabel in ("--new-mask", "--ref-mask"):
+                m = win.get(mlabel)
+                win[mlabel] = ((bits != 0) | (m != 0)).astype(np.uint8) if m is not None else \
+                    (bits != 0).astype(np.uint8)
+        # PSFs and flux ratio
+        t0 = time.perf_counter()
+        src_n, src_r = p.psf_sources
+        cats = [None, None]
+        need_cat = [s.kind == "auto" and s.local for s in (src_n, src_r)]
+        if p.local_flux_ratio:
+            need_cat = [True, True]
+        if any(need_cat):
+            from .stars import find_stars
+            from .errors import ProcessingError
+
+            for k, label in enumerate(("NEW", "REF")):
+                if need_cat[k]:
+                    sat = p.saturation[k]
+                    try:
+                        cats[k] = find_stars(win[label], saturation=sat if math.isfinite(sat)
+                                             else None, gain=p.gain[k], threshold=5.0)
+                    except (ProcessingError, InputError):
+                        cats[k] = None
+        psfs, srcs = [], []
+        for k, src in enumerate((src_n, src_r)):
+            label = ("NEW", "REF")[k]
+            cat = cats[k]
+            window = win[label] if (src.kind == "auto" and src.local and cat is not None
+                                    and len(cat)) else None
+            psf, how, _ = src.for_tile(tile, window, saturation=p.saturation[k], stars=cat)
+            psfs.append(psf)
+            srcs.append(how)
+        extra["psf"] = tuple(psfs)
+        extra["psf_src"] = tuple(srcs)
+        fr, fr_err, fr_src = p.flux_ratio, p.flux_ratio_err, p.flux_ratio_src
+        if p.local_flux_ratio:
+            from .calibrate import fit_local_flux_ratio
+
+            res = fit_local_flux_ratio(cats[0], cats[1])
+            if res is not None:
+                fr, fr_err, fr_src = float(res[0]), float(res[1]), "local"
+            else:
+                fr_src = "global"
+                log.info("tile %d: too few matched stars for a local flux ratio; using %.4g",
+                         tile.index, fr)
+        extra["flux_ratio"] = (fr, fr_err, fr_src)
+        self.timings["psf+stars"] += time.perf_counter() - t0
+        return extra
+
+    def _cosmics(self, img: np.ndarray, k: int, fwhm: float, user_mask) -> np.ndarray:
+        """Cosmic-ray mask of one image window (L.A.Cosmic via astroscrappy)."""
+        from .cosmics import detect_cosmic_rays
+
+        p = self.plan
+        bad = ~np.isfinite(img)
+        if user_mask is not None:
+            bad |= user_mask != 0
+        data = np.where(bad, 0.0, img).astype(np.float32)
+        sub = data[::4, ::4][~bad[::4, ::4]]
+        if sub.size < 100:
+            return np.zeros(img.shape, bool)
+        sky = float(np.median(sub))
+        sig = p.sigma[k]
+        gain = p.gain[k]
+        if gain:
+            rn = p.read_noise[k] or math.sqrt(max(sig * sig * gain * gain - max(sky, 0) * gain, 1.0))
+        else:  # effective gain from the noise: sky / gain = sigma^2
+            gain = max(sky, sig * sig) / (sig * sig) if sig > 0 else 1.0
+            rn = math.sqrt(max(sig * sig * gain * gain - max(sky, 0) * gain, 1e-2))
+        sat = p.saturation[k]
+        try:
+            return detect_cosmic_rays(data, gain=gain, read_noise=rn,
+                                      saturation=sat if math.isfinite(sat) else None,
+                                      mask=bad, fwhm=fwhm)
+        except ImportError as exc:
+            log.warning("cosmic-ray detection unavailable (%s)", exc)
+            return np.zeros(img.shape, bool)
 
     def process(self, loaded: _Loaded) -> TileResult:
         """ZOGY on one loaded tile; returns its core products.
@@ -303,8 +525,14 @@ class TileEngine:
         (rows_n, xi_n, xw_n, sig_n, bkg_n), (rows_r, xi_r, xw_r, sig_r, bkg_r) = loaded.stats
         tim = self.timings
         t0 = time.perf_counter()
-        ks = self.kernels.get(0, p.new_psf, p.ref_psf, sigma_n=sig_n, sigma_r=sig_r,
-                              flux_ratio=o.flux_ratio)
+        ex = loaded.extra
+        psf_n, psf_r = ex.get("psf", (p.new_psf, p.ref_psf))
+        psf_src = ex.get("psf_src", ("image", "image"))
+        fr, fr_err, fr_src = ex.get("flux_ratio", (p.flux_ratio, p.flux_ratio_err,
+                                                   p.flux_ratio_src))
+        key = tuple(0 if s in ("image", "global") else ("t", tile.index, s) for s in psf_src)
+        ks = self.kernels.get(key, psf_n, psf_r, sigma_n=sig_n, sigma_r=sig_r,
+                              flux_ratio=fr)
         t1 = time.perf_counter()
         tim["kernels"] += t1 - t0
         vin = tile.valid_in_window
@@ -322,6 +550,12 @@ class TileEngine:
             y = int(np.argmax(self._nonpos > 0)) + tile.window.y0
             raise InputError(f"variance map has values <= 0 at unmasked pixels (e.g. row {y}); "
                              "variances must be > 0 (mask such pixels with --new-mask/--ref-mask)")
+        if "bits" in ex:  # extra bits were passed as user-mask pixels: relabel them
+            mv = self._mask[vin.slices]
+            sel = ex["bits"] != 0
+            if ex["user"] is not None:
+                sel &= ~ex["user"]
+            mv[sel] = (mv[sel] & ~np.uint8(MaskBit.USER)) | ex["bits"][sel]
         nk._grow_mask(self._mask, p.grow_radius, self._tmp, self._grown)
         nk._edge_bits(self._grown, tile.window.y0, tile.window.x0, p.shape[0], p.shape[1],
                       p.kernel_radius)
@@ -331,24 +565,98 @@ class TileEngine:
         cw = tile.core_in_window
         region = cw.grow(b)
         var_const = sig_n ** 2 * ks.energy_n + sig_r ** 2 * ks.energy_r
-        out = self.sub.run(ks, region, astrometric_sigma=o.astrometric_sigma, var_const=var_const)
+        blank = None
+        if o.noise_correction:
+            blank = _blank_sky(self.sub.inputs, region, self._grown, sig_n, sig_r, b)
+        out = self.sub.run(ks, region, astrometric_sigma=p.astrometric_sigma, var_const=var_const)
         t3 = time.perf_counter()
         tim["zogy"] += t3 - t2
         mask_ext = self._grown[region.slices]
+        core = slice(b, b + cw.shape[0]), slice(b, b + cw.shape[1])
+        nc = dict(factor=1.0, measured=float("nan"), err=float("nan"), applied=False)
+        if blank is not None:
+            # S_corr is correlated on the PSF scale: a stride-3 grid measures its
+            # dispersion almost as well at a ninth of the cost
+            nc = _noise_factor(out["scorr"][core][::3, ::3], blank[core][::3, ::3])
+            if nc["applied"]:
+                out["scorr"] /= np.float32(nc["factor"])
+                out["flux_err"] *= np.float32(nc["factor"])
         cands = find_candidates(out["scorr"], out["flux"], out["flux_err"], mask_ext, border=b,
                                 threshold=o.threshold, radius=b, exclude=EXCLUDE_CANDIDATE,
                                 origin=(tile.core.y0 - b, tile.core.x0 - b), tile=tile.index)
-        core = slice(b, b + cw.shape[0]), slice(b, b + cw.shape[1])
+        from .products import annotate_candidates
+
+        cands = annotate_candidates(cands, mask_ext, loaded.windows, tile, psf_n, psf_r,
+                                    origin=(tile.core.y0 - b, tile.core.x0 - b),
+                                    grow=p.grow_radius, peak=b, zeropoint=o.zeropoint)
         res = TileResult(
             tile=tile, box=tile.core,
             d=out["d"][core], s=out["s"][core], scorr=out["scorr"][core],
             flux=out["flux"][core], flux_err=out["flux_err"][core],
             mask=mask_ext[core].astype(np.int16), candidates=cands,
             stats=dict(bkg_new=bkg_n, bkg_ref=bkg_r,
-                       sigma_new=sig_n, sigma_ref=sig_r, f_s=ks.f_s, f_d=ks.f_d),
+                       sigma_new=sig_n, sigma_ref=sig_r, f_s=ks.f_s, f_d=ks.f_d,
+                       psf_new=psf_src[0], psf_ref=psf_src[1],
+                       fwhm_new=psf_fwhm(psf_n), fwhm_ref=psf_fwhm(psf_r),
+                       flux_ratio=fr, flux_ratio_err=fr_err, flux_ratio_src=fr_src,
+                       noise_factor=nc["factor"], noise_measured=nc["measured"],
+                       noise_err=nc["err"], noise_applied=nc["applied"],
+                       n_cosmic_new=ex.get("n_cosmic_new", 0),
+                       n_cosmic_ref=ex.get("n_cosmic_ref", 0)),
         )
+        cands.meta["tile_stats"] = _Carried({"index": tile.index, **res.stats})
         tim["finish"] += time.perf_counter() - t3
         return res
+
+
+def _blank_sky(inputs, region, grown, sig_n, sig_r, b) -> np.ndarray:
+    """Unmasked pixels of ``region`` far from sources (> 5 sigma in either image)."""
+    from scipy import ndimage
+
+    sl = region.slices
+    src = (inputs[0][sl] > 5 * sig_n) | (inputs[1][sl] > 5 * sig_r)
+    if src.any():
+        src = ndimage.maximum_filter(src.view(np.uint8), size=4 * b + 1) > 0
+    return ~src & (grown[sl] == 0)
+
+
+def _noise_factor(scorr: np.ndarray, good: np.ndarray, *, nsig: float = 4.0) -> dict:
+    """Robust std of S_corr on blank sky and its uncertainty (from 4x4 blocks).
+
+    The factor is applied when it differs from 1 by more than ``nsig`` times
+    its uncertainty (floored at 1 %), with a smooth gate between nsig - 1 and
+    nsig + 1 sigma, so white-noise tiles are left exactly as they are.
+    """
+    from .background import CLIP, _clipped_stats, truncation_factor
+
+    trunc = truncation_factor(CLIP)
+    masked = np.where(good, scorr, np.float32(np.nan))
+
+    def rstd(y0, y1, x0, x1):  # clipped std (truncation-corrected), NaN-aware, one pass a step
+        _, std, n = _clipped_stats(masked, y0, y1, x0, x1, 1, np.inf, CLIP, 8)
+        return std / trunc if n >= 50 else float("nan")
+
+    ny, nx = scorr.shape
+    out = dict(factor=1.0, measured=float("nan"), err=float("nan"), applied=False)
+    if np.count_nonzero(good) < 1000:
+        return out
+    f = rstd(0, ny, 0, nx)
+    blocks = [rstd(i * ny // 4, (i + 1) * ny // 4, j * nx // 4, (j + 1) * nx // 4)
+              for i in range(4) for j in range(4)]
+    blocks = [v for v in blocks if np.isfinite(v)]
+    if len(blocks) < 4 or not np.isfinite(f) or f <= 0:
+        out["measured"] = f
+        return out
+    err = float(np.std(blocks, ddof=1) / math.sqrt(len(blocks)))
+    out.update(measured=f, err=err)
+    # a smooth gate (no jump when round-off moves f across a threshold): nothing below
+    # (nsig - 1) sigma, the full measured factor above (nsig + 1) sigma
+    z = abs(f - 1.0) / max(err, 0.01)  # and never for deviations below 2-3 %
+    w = min(max((z - (nsig - 1.0)) / 2.0, 0.0), 1.0)
+    w = w * w * (3.0 - 2.0 * w)
+    if w > 0:
+        out.update(factor=1.0 + w * (f - 1.0), applied=True)
+    return out
 
 
 @contextlib.contextmanager
@@ -401,13 +709,15 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None) -> Iterator[TileResult]:
 
 
 def _make_inputs(new, ref, kw: dict) -> tuple[Inputs, Options]:
-    names = ("new_psf", "ref_psf", "new_var", "ref_var", "new_mask", "ref_mask")
+    names = ("new_psf", "ref_psf", "new_var", "ref_var", "new_mask", "ref_mask", "new_weight",
+             "ref_weight")
     inputs = Inputs(new, ref, **{k: kw.pop(k, None) for k in names})
     return inputs, Options.from_kwargs(**kw)
 
 
 def stream(new, ref, *, new_psf=None, ref_psf=None, new_var=None, ref_var=None,
-           new_mask=None, ref_mask=None, stop=None, **options) -> Iterator[TileResult]:
+           new_mask=None, ref_mask=None, new_weight=None, ref_weight=None, stop=None,
+           **options) -> Iterator[TileResult]:
     """Yield ZOGY products tile by tile as soon as each tile is done.
 
     Parameters
@@ -415,10 +725,15 @@ def stream(new, ref, *, new_psf=None, ref_psf=None, new_var=None, ref_var=None,
     new, ref : path or 2-D array
         New (science) and reference images on one pixel grid.  Paths may
         name an HDU: ``"file.fits[1]"`` or ``"file.fits[SCI]"``.
-    new_psf, ref_psf : path or 2-D array
-        PSF images (centred, any normalisation).
+    new_psf, ref_psf : path or 2-D array, optional
+        PSF images (centred, any normalisation) or PSFEx model files (``.psf``,
+        evaluated at each tile's centre).  When omitted, the PSF is estimated
+        from stars: mosaic-wide at plan time and per tile from the tile's own
+        stars when it has enough (``TileResult.stats['psf_new']`` says which).
     new_var, ref_var : path or 2-D array, optional
         Per-pixel variance maps.
+    new_weight, ref_weight : path or 2-D array, optional
+        Inverse-variance weight maps (variance = 1/w; w <= 0 is masked).
     new_mask, ref_mask : path or 2-D array, optional
         Non-zero marks a bad pixel.
     stop : threading.Event, optional
@@ -439,7 +754,8 @@ def stream(new, ref, *, new_psf=None, ref_psf=None, new_var=None, ref_var=None,
     """
     inputs, opts = _make_inputs(new, ref, dict(options, new_psf=new_psf, ref_psf=ref_psf,
                                                new_var=new_var, ref_var=ref_var,
-                                               new_mask=new_mask, ref_mask=ref_mask))
+                                               new_mask=new_mask, ref_mask=ref_mask,
+                                               new_weight=new_weight, ref_weight=ref_weight))
     plan = plan_run(inputs, opts)
     engine = TileEngine(plan, wisdom=_wisdom_for(opts))
     try:
@@ -470,9 +786,23 @@ def output_header(plan: RunPlan) -> fits.Header:
         ("REFVAR", name(i.ref_var), "variance map of the reference image"),
         ("NEWMASK", name(i.new_mask), "bad-pixel mask of the new image"),
         ("REFMASK", name(i.ref_mask), "bad-pixel mask of the reference image"),
-        ("FLUXRAT", o.flux_ratio, "F_n/F_r used (F_r = 1)"),
-        ("ASTSIGX", o.astrometric_sigma[0], "[pix] astrometric sigma x"),
-        ("ASTSIGY", o.astrometric_sigma[1], "[pix] astrometric sigma y"),
+        ("NEWWHT", name(i.new_weight), "inverse-variance weight map of new"),
+        ("REFWHT", name(i.ref_weight), "inverse-variance weight map of ref"),
+        ("NPSFSRC", plan.psf_sources[0].kind if plan.psf_sources[0] else "image",
+         "PSF of new: image, psfex or auto (estimated)"),
+        ("RPSFSRC", plan.psf_sources[1].kind if plan.psf_sources[1] else "image",
+         "PSF of ref: image, psfex or auto (estimated)"),
+        ("FLUXRAT", plan.flux_ratio, "F_n/F_r used (F_r = 1)"),
+        ("FLUXRERR", plan.flux_ratio_err if math.isfinite(plan.flux_ratio_err) else -1.0,
+         "error of FLUXRAT (-1: not fitted)"),
+        ("FLUXRSRC", plan.flux_ratio_src if o.flux_ratio != "local" else "local",
+         "user, auto (star fit), default (1.0), local"),
+        ("ASTSIGX", plan.astrometric_sigma[0], "[pix] astrometric sigma x"),
+        ("ASTSIGY", plan.astrometric_sigma[1], "[pix] astrometric sigma y"),
+        ("ASTSRC", plan.astrometric_src, "astrometric sigma: user, auto, default"),
+        ("COSMNEW", plan.cosmics[0], "cosmic rays detected and masked in new"),
+        ("COSMREF", plan.cosmics[1], "cosmic rays detected and masked in ref"),
+        ("NOISCORR", o.noise_correction, "per-tile S_corr noise correction enabled"),
         ("SIGNEW", plan.sigma[0], "global background noise of new"),
         ("SIGREF", plan.sigma[1], "global background noise of ref"),
         ("GAINNEW", plan.gain[0] if plan.gain[0] else "none", "gain for new Poisson variance"),
@@ -502,12 +832,13 @@ def _psf_d(plan: RunPlan) -> np.ndarray:
     n = max(64, 4 * max(plan.new_psf.shape + plan.ref_psf.shape))
     ks = make_kernels(PsfSpectra.from_psfs(plan.new_psf, plan.ref_psf, (n, n)),
                       sigma_n=plan.sigma[0], sigma_r=plan.sigma[1],
-                      flux_ratio=plan.opts.flux_ratio, dtype=np.float64)
+                      flux_ratio=plan.flux_ratio, dtype=np.float64)
     return ks.psf_d.astype(np.float32), ks
 
 
 def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var=None,
-             new_mask=None, ref_mask=None, catalog=None, progress: bool = False, stop=None,
+             new_mask=None, ref_mask=None, new_weight=None, ref_weight=None, catalog=None,
+             stamps=None, png=None, progress: bool = False, stop=None,
              dask: str | None = None, **options) -> SubtractSummary:
     """Subtract ``ref`` from ``new`` into the multi-extension FITS file ``out``.
 
@@ -532,6 +863,11 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
         Run the tiles on Dask distributed: a scheduler address, or
         ``"local:N"`` for a LocalCluster of N worker processes.  Inputs and
         output must be on a filesystem the workers share.
+    stamps : path, optional
+        31x31 cut-outs of NEW, REF, D and S_corr per candidate (see
+        :mod:`zogy_stream.products` for the layout), written atomically.
+    png : path, optional
+        Down-sampled S_corr quick-look with candidates circled (needs matplotlib).
 
     Returns
     -------
@@ -545,20 +881,31 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
         ``stop`` was set.
     """
     t_start = time.perf_counter()
+    from .products import check_png_available, ensure_columns, write_png, write_stamps
+
     inputs, opts = _make_inputs(new, ref, dict(options, new_psf=new_psf, ref_psf=ref_psf,
                                                new_var=new_var, ref_var=ref_var,
-                                               new_mask=new_mask, ref_mask=ref_mask))
+                                               new_mask=new_mask, ref_mask=ref_mask,
+                                               new_weight=new_weight, ref_weight=ref_weight))
     out = _check_output(out, "output")
     if catalog is not None:
         catalog = _check_output(catalog, "--catalog")
+    if stamps is not None:
+        stamps = _check_output(stamps, "--stamps")
+    if png is not None:
+        png = _check_output(png, "--png")
+        check_png_available()
     plan = plan_run(inputs, opts)
     header = output_header(plan)
     psf_d, ks_c = _psf_d(plan)
     header["FS"] = (ks_c.f_s, "F_S at the global noise levels (eq. 42)")
     header["FD"] = (ks_c.f_d, "F_D at the global noise levels (eq. 15)")
-    planes = [Plane(name, np.float32, plan.shape, _plane_header(header, name, text))
+    plane_header = header.copy()
+    for key, comment in _TILE_SUMMARY:
+        header[key] = (0.0 if key.startswith("NC") else 0, comment)
+    planes = [Plane(name, np.float32, plan.shape, _plane_header(plane_header, name, text))
               for name, text in OUTPUT_PLANES.items()]
-    planes.append(Plane("MASK", np.int16, plan.shape, _plane_header(header, "MASK",
+    planes.append(Plane("MASK", np.int16, plan.shape, _plane_header(plane_header, "MASK",
                         "bit flags, see zogy_stream.masks.MaskBit")))
     planes.append(Plane("PSF_D", np.float32, psf_d.shape,
                         _plane_header(fits.Header(), "PSF_D", "PSF of D at the mosaic centre"),
@@ -568,6 +915,7 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
     outfile = OutputFile(out, planes, primary_header=header)
     engine = None
     bar = _progress(progress, len(plan.grid), plan.shape)
+    cat_path = None
     try:
         if dask is None:
             engine = TileEngine(plan, wisdom=_wisdom_for(opts))
@@ -577,26 +925,127 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
 
             with dask_client(dask, threads_per_worker=opts.threads) as client:
                 parts, timings = run_bands(client, plan, outfile, stop=stop, progress=bar)
-        cat_path = None
-        tab = candidate_table(parts, wcs=_celestial_wcs(plan.new_header))
+        _tile_summary(header, parts)
+        _patch_primary(outfile, header)
+        tab = ensure_columns(candidate_table(parts, wcs=_celestial_wcs(plan.new_header)),
+                             opts.zeropoint)
         if catalog is not None:
-            meta = {k: header[k] for k in ("FLUXRAT", "THRESH", "NEWIMG", "REFIMG")}
+            meta = {k: header[k] for k in ("FLUXRAT", "FLUXRERR", "FLUXRSRC", "THRESH",
+                                           "NEWIMG", "REFIMG")}
+            if opts.zeropoint is not None:
+                meta["ZEROPT"] = opts.zeropoint
             cat_path = write_catalog(tab, catalog, meta=meta)
         outfile.commit(durable=opts.durable)
     except BaseException:
         outfile.abort()
+        if cat_path is not None:
+            Path(cat_path).unlink(missing_ok=True)
         raise
     finally:
         if engine is not None:
             engine.close()
         if bar is not None:
             bar.close()
+    stamps_path = png_path = None
+    try:
+        if stamps is not None:
+            stamps_path = write_stamps(stamps, tab, out, inputs.new, inputs.ref)
+        if png is not None:
+            png_path = write_png(png, out, tab)
+    except BaseException:  # all or nothing: a failed product removes the others
+        for pth in (out, cat_path, stamps_path):
+            if pth is not None:
+                Path(pth).unlink(missing_ok=True)
+        raise
     secs = time.perf_counter() - t_start
     summary = SubtractSummary(out=out, catalog=cat_path, n_candidates=len(tab), shape=plan.shape,
-                              n_tiles=len(plan.grid), seconds=secs, timings=timings)
+                              n_tiles=len(plan.grid), seconds=secs, timings=timings,
+                              stamps=stamps_path, png=png_path, header=header)
     log.info("%s: %d tiles, %d candidates, %.2f s (%.1f Mpix/s)", out, summary.n_tiles,
              summary.n_candidates, secs, summary.mpix_per_s)
     return summary
+
+
+_TILE_SUMMARY = (
+    ("NPSFLOCN", "tiles with a PSF of new from own stars"),
+    ("NPSFGLBN", "tiles with the mosaic-wide PSF of new"),
+    ("NPSFLOCR", "tiles with a PSF of ref from own stars"),
+    ("NPSFGLBR", "tiles with the mosaic-wide PSF of ref"),
+    ("NFRLOCAL", "tiles with a local flux ratio"),
+    ("NCMED", "median per-tile S_corr noise factor"),
+    ("NCMIN", "min per-tile S_corr noise factor"),
+    ("NCMAX", "max per-tile S_corr noise factor"),
+    ("NCAPPLD", "tiles whose S_corr was rescaled"),
+    ("NCOSMIC", "cosmic-ray pixels masked (new + ref)"),
+)
+
+
+class _Carried:
+    """Per-tile stats riding in a candidate table's meta (to Dask and back).
+
+    Compares equal to any other instance so that stacking tables never warns
+    about conflicting metadata."""
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Carried)
+
+    __hash__ = None
+
+
+def tile_stats_of(parts) -> list[dict]:
+    """Per-tile stats carried in the candidate tables' meta, in tile order."""
+    st = [p.meta["tile_stats"].data for p in parts
+          if isinstance(getattr(p, "meta", {}).get("tile_stats"), _Carried)]
+    return sorted(st, key=lambda d: d["index"])
+
+
+def _tile_summary(header: fits.Header, parts) -> None:
+    st = tile_stats_of(parts)
+    if not st:
+        return
+    f = np.array([d["noise_factor"] for d in st])
+    vals = {
+        "NPSFLOCN": sum(d["psf_new"] == "local" for d in st),
+        "NPSFGLBN": sum(d["psf_new"] == "global" for d in st),
+        "NPSFLOCR": sum(d["psf_ref"] == "local" for d in st),
+        "NPSFGLBR": sum(d["psf_ref"] == "global" for d in st),
+        "NFRLOCAL": sum(d["flux_ratio_src"] == "local" for d in st),
+        "NCMED": float(np.median(f)), "NCMIN": float(f.min()), "NCMAX": float(f.max()),
+        "NCAPPLD": sum(bool(d["noise_applied"]) for d in st),
+        "NCOSMIC": sum(int(d["n_cosmic_new"]) + int(d["n_cosmic_ref"]) for d in st),
+    }
+    for key, v in vals.items():
+        header[key] = int(v) if not key.startswith("NC") or key in ("NCAPPLD", "NCOSMIC") \
+            else round(float(v), 5)
+    if vals["NPSFGLBN"] or vals["NPSFGLBR"]:
+        log.info("%d/%d tiles used the mosaic-wide PSF of NEW, %d/%d of REF (too few stars)",
+                 vals["NPSFGLBN"], len(st), vals["NPSFGLBR"], len(st))
+    log.info("S_corr noise factors: median %.3f, min %.3f, max %.3f, applied in %d tiles",
+             vals["NCMED"], vals["NCMIN"], vals["NCMAX"], vals["NCAPPLD"])
+
+
+def _patch_primary(outfile: OutputFile, header: fits.Header) -> None:
+    """Rewrite the primary header of the temporary output with final per-tile summary
+    values (same cards, so the same size)."""
+    prim = fits.Header()
+    prim["SIMPLE"] = True
+    prim["BITPIX"] = 8
+    prim["NAXIS"] = 0
+    prim["EXTEND"] = True
+    for card in header.cards:
+        if card.keyword not in prim:
+            prim.append(card)
+    blob = prim.tostring().encode("ascii")
+    old_len = len(outfile._layout()[1][0][1])
+    if len(blob) != old_len:  # cannot happen with same-count cards; never corrupt the file
+        log.warning("could not record the per-tile summary in the output header")
+        return
+    with open(outfile.tmp, "r+b") as fh:
+        fh.seek(0)
+        fh.write(blob)
 
 
 def _check_output(path, label: str) -> Path:
