@@ -46,7 +46,8 @@ def run_demo(outdir: Path, *, size: int = 2048, seed: int = 1, threads: int | No
     summary = subtract(paths["new"], paths["ref"], outdir / "diff.fits",
                        new_psf=paths["new_psf"], ref_psf=paths["ref_psf"],
                        new_var=paths["new_var"], ref_var=paths["ref_var"],
-                       catalog=outdir / "candidates.ecsv", threads=threads, progress=progress)
+                       flux_ratio=1.0, catalog=outdir / "candidates.ecsv", threads=threads,
+                       progress=progress)
     truth = Table.read(paths["truth"])
     cands = Table.read(summary.catalog)
     with fits.open(summary.out) as hdul:
