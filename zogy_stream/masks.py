@@ -22,4 +22,4 @@ class MaskBit(IntFlag):
 
 
 EXCLUDE_CANDIDATE = int(MaskBit.BAD_NEW | MaskBit.BAD_REF | MaskBit.SATURATED
-                        | MaskBit.USER | MaskBit.NEAR | MaskBit.OUTSIDE)
+                        | MaskBit.USER | MaskBit.NEAR | MaskBit.OUTSIDE | MaskBit.COSMIC)
