@@ -702,7 +702,9 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None) -> Iterator[TileResult]:
                     nxt = next(it, None)
                     if nxt is not None:
                         pending.append(pool.submit(engine.load, nxt))
-                    yield engine.process(loaded)
+                    res = engine.process(loaded)
+                    del loaded  # the windows may go before the consumer is done with res
+                    yield res
             finally:
                 for f in pending:
                     f.cancel()

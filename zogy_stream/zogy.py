@@ -260,7 +260,6 @@ class KernelCache:
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.maxsize = maxsize
-        self._spectra: OrderedDict = OrderedDict()
         self._kernels: OrderedDict = OrderedDict()
         self.builds = 0
 
@@ -273,13 +272,11 @@ class KernelCache:
         if ks is not None:
             self._kernels.move_to_end(key)
             return ks
-        spectra = self._spectra.get(psf_key)
-        if spectra is None:
-            spectra = PsfSpectra.from_psfs(psf_n, psf_r, self.shape)
-            self._spectra[psf_key] = spectra
-            while len(self._spectra) > 1:  # PSF pairs change rarely; keep one
-                self._spectra.popitem(last=False)
+        # The PSF transforms are recomputed per build (two FFTs, small next to
+        # the build) rather than cached: that is 2 full-size complex128 arrays.
+        spectra = PsfSpectra.from_psfs(psf_n, psf_r, self.shape)
         ks = make_kernels(spectra, sigma_n=sn, sigma_r=sr, flux_ratio=flux_ratio, dtype=self.dtype)
+        del spectra
         self.builds += 1
         self._kernels[key] = ks
         if len(self._kernels) > self.maxsize:
