@@ -261,22 +261,28 @@ def _stack(regions):
     return tab
 
 
+def _fit_matched(new_regions, ref_regions, fit):
+    """``(fit(new_stars, ref_stars), None)``, or ``(None, reason)`` when it cannot be done."""
+    cn, cr = _stack(new_regions), _stack(ref_regions)
+    if cn is None or cr is None:
+        return None, "no stars"
+    try:
+        return fit(cn, cr), None
+    except (ProcessingError, InputError) as exc:
+        return None, str(exc)
+
+
 def fit_global_flux_ratio(new_regions, ref_regions) -> tuple[float, float, int, str]:
-    """``(ratio, err, n_stars, source)``; ``(1.0, nan, n, 'default')`` when too few stars."""
+    """``(ratio, err, n_stars, source)``; ``(1.0, nan, 0, 'default')`` when too few stars."""
     from .stars import fit_flux_ratio
 
-    cn, cr = _stack(new_regions), _stack(ref_regions)
-    if cn is not None and cr is not None:
-        try:
-            ratio, err, n = fit_flux_ratio(cn, cr)
-            log.info("flux ratio F_n/F_r = %.4f +- %.4f from %d matched stars", ratio, err, n)
-            return float(ratio), float(err), int(n), "auto"
-        except (ProcessingError, InputError) as exc:
-            reason = str(exc)
-    else:
-        reason = "no stars"
-    log.warning("cannot fit the flux ratio (%s); using 1.0 (give --flux-ratio)", reason)
-    return 1.0, float("nan"), 0, "default"
+    res, reason = _fit_matched(new_regions, ref_regions, fit_flux_ratio)
+    if res is None:
+        log.warning("cannot fit the flux ratio (%s); using 1.0 (give --flux-ratio)", reason)
+        return 1.0, float("nan"), 0, "default"
+    ratio, err, n = res
+    log.info("flux ratio F_n/F_r = %.4f +- %.4f from %d matched stars", ratio, err, n)
+    return float(ratio), float(err), int(n), "auto"
 
 
 def fit_local_flux_ratio(cat_n, cat_r) -> tuple[float, float, int] | None:
@@ -291,18 +297,13 @@ def fit_local_flux_ratio(cat_n, cat_r) -> tuple[float, float, int] | None:
 
 
 def fit_global_astrometric_sigma(new_regions, ref_regions) -> tuple[float, float, int, str]:
-    """``(sx, sy, n, source)``; ``(0, 0, n, 'default')`` when too few stars."""
+    """``(sx, sy, n, source)``; ``(0, 0, 0, 'default')`` when too few stars."""
     from .stars import astrometric_sigma
 
-    cn, cr = _stack(new_regions), _stack(ref_regions)
-    if cn is not None and cr is not None:
-        try:
-            sx, sy, n = astrometric_sigma(cn, cr)
-            log.info("astrometric sigma %.4f, %.4f px from %d matched stars", sx, sy, n)
-            return float(sx), float(sy), int(n), "auto"
-        except (ProcessingError, InputError) as exc:
-            reason = str(exc)
-    else:
-        reason = "no stars"
-    log.warning("cannot estimate the astrometric sigma (%s); using 0 0", reason)
-    return 0.0, 0.0, 0, "default"
+    res, reason = _fit_matched(new_regions, ref_regions, astrometric_sigma)
+    if res is None:
+        log.warning("cannot estimate the astrometric sigma (%s); using 0 0", reason)
+        return 0.0, 0.0, 0, "default"
+    sx, sy, n = res
+    log.info("astrometric sigma %.4f, %.4f px from %d matched stars", sx, sy, n)
+    return float(sx), float(sy), int(n), "auto"

@@ -30,34 +30,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
-    return v
+def _number(kind, minimum, *, strict: bool):
+    """argparse type: a ``kind`` number > ``minimum`` (``strict``) or >= it."""
+    word = "a whole number" if kind is int else "a number"
+    rel = ">" if strict else ">="
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {word}, got {text!r}") from None
+        if not (v > minimum if strict else v >= minimum):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"expected {word} {rel} {minimum}, got {v}")
+        return v
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
-    return v
+_positive_int = _number(int, 1, strict=False)
+_positive_float = _number(float, 0, strict=True)
+_nonneg_float = _number(float, 0, strict=False)
 
 
 def _flux_ratio(text: str):
