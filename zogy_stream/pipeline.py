@@ -374,9 +374,8 @@ class TileEngine:
         """Read the in-image part of a tile's window from every input."""
         t0 = time.perf_counter()
         p = self.plan
+        # read() drops each chunk's mapped pages as it copies: no release needed here
         win = {label: rd.read(tile.valid) for label, rd in self.readers.items()}
-        for rd in self.readers.values():
-            rd.release(tile.valid)
         for img in ("new", "ref"):
             wt = win.pop(f"--{img}-weight", None)
             if wt is not None:  # inverse variance; w <= 0 (or NaN) is masked via a NaN variance
