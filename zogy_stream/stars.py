@@ -898,6 +898,18 @@ def _good_pairs(new_cat, ref_cat, radius, snr_min, isolated_only):
     return ia[ok], ib[ok]
 
 
+def _matched_for(new_cat, ref_cat, radius, snr_min, isolated_only, min_stars, least, what,
+                 hint):
+    """Matched bright unsaturated pairs for a fit of ``what``; ProcessingError when too few."""
+    _check_number("min_stars", min_stars, minimum=least, integer=True)
+    ia, ib = _good_pairs(new_cat, ref_cat, radius, snr_min, isolated_only)
+    if len(ia) < min_stars:
+        raise ProcessingError(f"only {len(ia)} matched bright unsaturated stars for {what} "
+                              f"(min_stars={min_stars}); check the registration, increase "
+                              f"radius= or lower snr_min={hint}")
+    return ia, ib
+
+
 def fit_flux_ratio(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5, clip=3.0,
                    isolated_only=True, aperture_correction=True,
                    max_iter=20) -> tuple[float, float, int]:
@@ -956,12 +968,8 @@ def fit_flux_ratio(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5, c
     ProcessingError
         Fewer than ``min_stars`` usable matched stars.
     """
-    _check_number("min_stars", min_stars, minimum=1, integer=True)
-    ia, ib = _good_pairs(new_cat, ref_cat, radius, snr_min, isolated_only)
-    if len(ia) < min_stars:
-        raise ProcessingError(f"only {len(ia)} matched bright unsaturated stars for the flux "
-                              f"ratio (min_stars={min_stars}); check the registration, "
-                              "increase radius= or lower snr_min=, or pass the ratio")
+    ia, ib = _matched_for(new_cat, ref_cat, radius, snr_min, isolated_only, min_stars, 1,
+                          "the flux ratio", ", or pass the ratio")
     fn = np.asarray(new_cat["flux"], np.float64)[ia]
     fr = np.asarray(ref_cat["flux"], np.float64)[ib]
     en = np.asarray(new_cat["flux_err"], np.float64)[ia]
@@ -1088,12 +1096,8 @@ def astrometric_sigma(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5
     ProcessingError
         Fewer than ``min_stars`` usable matched stars.
     """
-    _check_number("min_stars", min_stars, minimum=2, integer=True)
-    ia, ib = _good_pairs(new_cat, ref_cat, radius, snr_min, isolated_only)
-    if len(ia) < min_stars:
-        raise ProcessingError(f"only {len(ia)} matched bright unsaturated stars for the "
-                              f"astrometric noise (min_stars={min_stars}); check the "
-                              "registration, increase radius= or lower snr_min=")
+    ia, ib = _matched_for(new_cat, ref_cat, radius, snr_min, isolated_only, min_stars, 2,
+                          "the astrometric noise", "")
     dx = np.asarray(new_cat["x"], np.float64)[ia] - np.asarray(ref_cat["x"], np.float64)[ib]
     dy = np.asarray(new_cat["y"], np.float64)[ia] - np.asarray(ref_cat["y"], np.float64)[ib]
 
