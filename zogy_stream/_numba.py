@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import os
 
-# Numba's OpenMP workers otherwise spin after each parallel kernel and steal
-# the cores from FFTW's threads (measured: +50% time in the FFT stage on 2
-# cores).  Must be set before the OpenMP runtime starts; a user's explicit
-# setting wins.
+# Passive OpenMP waiting (see zogy_stream/__init__.py, which sets it before
+# pyfftw is imported); repeated for a direct import of this module.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
@@ -337,6 +335,47 @@ def _finish(planes, y0, y1, x0, x1, split, has_var, var_const, sx2, sy2, inv_fs,
                 sc_out[i, j] = 0.0
             f_out[i, j] = s * inv_fs
             fe_out[i, j] = np.sqrt(max(v, 0.0)) * inv_fs
+
+
+# ------------------------------------------------------------- blank sky
+@njit(parallel=True, **_OPTS)
+def _blank_samples(a, b, thr_a, thr_b, grown, y0, y1, x0, x1, sy0, sx0, step, radius, out):
+    """Blank-sky sample points of a tile: ``out[i, j] = 1`` where blank, else 0.
+
+    A sample point ``(sy0 + step*i, sx0 + step*j)`` of the padded tile is blank
+    when it is unmasked (``grown == 0``) and no pixel of the region
+    ``[y0:y1, x0:x1]`` within a square of half-side ``radius`` around it
+    exceeds ``thr_a`` in ``a`` or ``thr_b`` in ``b`` (a source in either
+    image).  Separable: a running count along each row at the sampled
+    columns, then along the sampled columns.
+    """
+    ni, nj = out.shape
+    ny = y1 - y0
+    near = np.zeros((ny, nj), np.uint8)
+    for y in prange(ny):
+        cnt = np.zeros(x1 - x0 + 1, np.int32)  # prefix count of source pixels in the row
+        c = 0
+        for x in range(x0, x1):
+            if a[y0 + y, x] > thr_a or b[y0 + y, x] > thr_b:
+                c += 1
+            cnt[x - x0 + 1] = c
+        for j in range(nj):
+            xs = sx0 + step * j
+            lo = max(xs - radius, x0) - x0
+            hi = min(xs + radius + 1, x1) - x0
+            near[y, j] = 1 if cnt[hi] > cnt[lo] else 0
+    for j in prange(nj):
+        cum = np.zeros(ny + 1, np.int32)
+        c = 0
+        for y in range(ny):
+            c += near[y, j]
+            cum[y + 1] = c
+        xs = sx0 + step * j
+        for i in range(ni):
+            ys = sy0 + step * i
+            lo = max(ys - radius, y0) - y0
+            hi = min(ys + radius + 1, y1) - y0
+            out[i, j] = 1 if cum[hi] == cum[lo] and grown[ys, xs] == 0 else 0
 
 
 # --------------------------------------------------------------------- peaks

@@ -7,6 +7,7 @@ and never shows a traceback unless ``--debug`` is given.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -275,6 +276,11 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_INPUT
     _configure_logging(args)
+    if argv is None:
+        # The console script owns this process: move the million objects the imports
+        # made out of the collector's sight, so full collections triggered by per-tile
+        # allocations stop re-scanning them (measured: ~4% of a run's CPU otherwise).
+        gc.freeze()
     prog = f"zogy-stream {args.command}"
     try:
         return int(args.func(args) or 0)

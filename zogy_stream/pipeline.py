@@ -565,8 +565,8 @@ class TileEngine:
         region = cw.grow(b)
         var_const = sig_n ** 2 * ks.energy_n + sig_r ** 2 * ks.energy_r
         blank = None
-        if o.noise_correction:
-            blank = _blank_sky(self.sub.inputs, region, self._grown, sig_n, sig_r, b)
+        if o.noise_correction:  # before run(): the FFTs overwrite the inputs
+            blank = _blank_sky(self.sub.inputs, region, cw, self._grown, sig_n, sig_r, b)
         out = self.sub.run(ks, region, astrometric_sigma=p.astrometric_sigma, var_const=var_const)
         t3 = time.perf_counter()
         tim["zogy"] += t3 - t2
@@ -576,7 +576,7 @@ class TileEngine:
         if blank is not None:
             # S_corr is correlated on the PSF scale: a stride-3 grid measures its
             # dispersion almost as well at a ninth of the cost
-            nc = _noise_factor(out["scorr"][core][::3, ::3], blank[core][::3, ::3])
+            nc = _noise_factor(out["scorr"][core][::_BLANK_STEP, ::_BLANK_STEP], blank)
             if nc["applied"]:
                 out["scorr"] /= np.float32(nc["factor"])
                 out["flux_err"] *= np.float32(nc["factor"])
@@ -608,15 +608,21 @@ class TileEngine:
         return res
 
 
-def _blank_sky(inputs, region, grown, sig_n, sig_r, b) -> np.ndarray:
-    """Unmasked pixels of ``region`` far from sources (> 5 sigma in either image)."""
-    from scipy import ndimage
+_BLANK_STEP = 3  # S_corr is correlated on the PSF scale: every 3rd pixel nearly suffices
 
-    sl = region.slices
-    src = (inputs[0][sl] > 5 * sig_n) | (inputs[1][sl] > 5 * sig_r)
-    if src.any():
-        src = ndimage.maximum_filter(src.view(np.uint8), size=4 * b + 1) > 0
-    return ~src & (grown[sl] == 0)
+
+def _blank_sky(inputs, region, core, grown, sig_n, sig_r, b) -> np.ndarray:
+    """Blank-sky points of ``core``, every ``_BLANK_STEP`` pixels (bool array).
+
+    A point is blank when unmasked and no pixel of ``region`` within ``2 b``
+    of it is > 5 sigma in either image (no source nearby).
+    """
+    st = _BLANK_STEP
+    out = np.empty((-(-core.shape[0] // st), -(-core.shape[1] // st)), np.uint8)
+    nk._blank_samples(inputs[0], inputs[1], 5.0 * sig_n, 5.0 * sig_r, grown,
+                      region.y0, region.y1, region.x0, region.x1, core.y0, core.x0, st, 2 * b,
+                      out)
+    return out.view(bool)
 
 
 def _noise_factor(scorr: np.ndarray, good: np.ndarray, *, nsig: float = 4.0) -> dict:
