@@ -703,7 +703,9 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None) -> Iterator[TileResult]:
                 while pending:
                     if stop is not None and stop.is_set():
                         raise Cancelled("stopped on request")
+                    t0 = time.perf_counter()
                     loaded = pending.popleft().result()
+                    engine.timings["wait read"] += time.perf_counter() - t0
                     nxt = next(it, None)
                     if nxt is not None:
                         pending.append(pool.submit(engine.load, nxt))
@@ -1075,7 +1077,9 @@ def _run_local(engine: TileEngine, outfile: OutputFile, stop, bar) -> tuple[list
         pending = None
         for res in _iter_tiles(engine, iter(engine.plan.grid), stop):
             if pending is not None:
+                t0 = time.perf_counter()
                 pending.result()
+                engine.timings["wait write"] += time.perf_counter() - t0
             pending = writer.submit(_write_tile, outfile, res, engine.timings)
             parts.append(res.candidates)
             if bar is not None:
@@ -1090,7 +1094,6 @@ def _write_tile(outfile: OutputFile, res: TileResult, timings: dict) -> None:
     for name, arr in (("D", res.d), ("S", res.s), ("SCORR", res.scorr), ("FLUX", res.flux),
                       ("FLUX_ERR", res.flux_err), ("MASK", res.mask)):
         outfile.write(name, res.box, arr)
-    outfile.release(res.box)
     timings["write"] += time.perf_counter() - t0
 
 
