@@ -175,14 +175,15 @@ def _peak_ratio_1d(prof, cnt, pprof, centre):
     """
     best = None
     for k in (-1, 0, 1):
-        p = np.roll(pprof, k)
+        p = np.zeros_like(pprof)  # pprof shifted by k bins, zero-filled
         if k > 0:
-            p[:k] = 0.0
+            p[k:] = pprof[:-k]
         elif k < 0:
-            p[k:] = 0.0
-        design = np.column_stack([p, cnt])
-        coef, *_ = np.linalg.lstsq(design, prof, rcond=None)
-        resid = float(np.sum((design @ coef - prof) ** 2))
+            p[:k] = pprof[-k:]
+        else:
+            p[:] = pprof
+        coef = _lsq2(p, cnt, prof)
+        resid = float(np.sum((coef[0] * p + coef[1] * cnt - prof) ** 2))
         if best is None or resid < best[0]:
             best = (resid, coef, p, centre + k)
     _, (amp, back), p, j = best
@@ -190,6 +191,18 @@ def _peak_ratio_1d(prof, cnt, pprof, centre):
         return float("nan"), float("nan"), j
     excess = prof[j] - back * cnt[j] - amp * p[j]
     return float((prof[j] - back * cnt[j]) / (amp * p[j])), float(excess), j
+
+
+def _lsq2(a, b, y):
+    """Least-squares ``(u, v)`` of ``y ~ u * a + v * b`` (normal equations; a
+    rank-deficient design falls back to the minimum-norm solution)."""
+    aa, ab, bb = float(a @ a), float(a @ b), float(b @ b)
+    det = aa * bb - ab * ab
+    if det > 1e-12 * aa * bb and det > 0:
+        ay, by = float(a @ y), float(b @ y)
+        return np.array([(bb * ay - ab * by) / det, (aa * by - ab * ay) / det])
+    coef, *_ = np.linalg.lstsq(np.column_stack([a, b]), y, rcond=None)
+    return coef
 
 
 def _validate(stamp, psf, noise):
@@ -223,9 +236,9 @@ def _directional(stamp, psf, noise):
         # robust per-pixel noise from the residuals of a 2-D fit A * psf + B
         pp = _centre_crop(p, min(s.shape[0], p.shape[0]))
         ss = _centre_crop(s, pp.shape[0])
-        design = np.column_stack([pp.ravel(), np.ones(pp.size)])
-        coef, *_ = np.linalg.lstsq(design, ss.ravel(), rcond=None)
-        var = np.full((n, n), float(mad_std(ss.ravel() - design @ coef)) ** 2)
+        a, y = pp.ravel(), ss.ravel()
+        coef = _lsq2(a, np.ones(a.size), y)
+        var = np.full((n, n), float(mad_std(y - coef[0] * a - coef[1])) ** 2)
     else:
         var = np.broadcast_to(noise, s.shape)
         var = _centre_crop(np.asarray(var), n) ** 2
