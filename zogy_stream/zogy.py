@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -336,11 +337,17 @@ class TileSubtractor:
         return self._rk[1:]
 
     def run(self, ks: KernelSet, region, *, astrometric_sigma=(0.0, 0.0),
-            var_const: float = 0.0) -> dict[str, np.ndarray]:
+            var_const: float = 0.0, timings=None) -> dict[str, np.ndarray]:
         """Subtract the filled tile; return D, S, SCORR, FLUX, FLUX_ERR on ``region``.
 
         ``region`` is a :class:`~zogy_stream.tiles.Box` in padded-tile pixels.
+        ``timings``, a mapping of stage name to seconds, gets the time of each
+        step added: ``fft forward``, ``combine``, ``fft inverse`` (or
+        ``convolve`` on the image-space path) and ``score``.
         """
+        clock = time.perf_counter
+        t0 = clock()
+        marks = []
         if ks.shape != self.shape:
             raise ValueError(f"kernel shape {ks.shape} != tile shape {self.shape}")
         sx, sy = astrometric_sigma
@@ -361,18 +368,27 @@ class TileSubtractor:
                 nk._convolve_pair(src[0], kn, src[1], kr, -1.0, *g, planes[1])
             if self.has_var:
                 nk._convolve_pair(src[2], kn2, src[3], kr2, 1.0, *g, planes[-1])
+            marks.append(("convolve", clock()))
         else:
             spec = self.fft.forward()
+            marks.append(("fft forward", clock()))
             f = self._fview
             nk._combine(f(self.fft.spec), f(ks.kd_n), f(ks.kd_r), f(ks.k_n), f(ks.k_r),
                         f(ks.k_n2), f(ks.k_r2), self.has_var, self.split)
+            marks.append(("combine", clock()))
             planes = self.fft.inverse()
+            marks.append(("fft inverse", clock()))
             del spec
         shape = (y1 - y0, x1 - x0)
         out = {k: np.empty(shape, dtype=self.dtype) for k in ("d", "s", "scorr", "flux", "flux_err")}
         nk._finish(planes, y0, y1, x0, x1, self.split, self.has_var, float(var_const),
                    float(sx) ** 2, float(sy) ** 2, 1.0 / ks.f_s,
                    out["d"], out["s"], out["scorr"], out["flux"], out["flux_err"])
+        marks.append(("score", clock()))
+        if timings is not None:
+            for name, t in marks:
+                timings[name] = timings.get(name, 0.0) + (t - t0)
+                t0 = t
         return out
 
 
