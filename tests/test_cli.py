@@ -154,9 +154,9 @@ def test_contract_extensions(contract_run, scene):
         for name in IMAGE_PLANES:
             h = hdul[name]
             assert h.data.shape == (SIZE, SIZE), name
-            want = np.int16 if name == "MASK" else np.float32
+            want = np.uint8 if name == "MASK" else np.float32
             assert h.data.dtype == np.dtype(want).newbyteorder(">"), name
-            assert h.header["BITPIX"] == (16 if name == "MASK" else -32)
+            assert h.header["BITPIX"] == (8 if name == "MASK" else -32)
             if name != "MASK":
                 assert np.all(np.isfinite(h.data)), name
         psf_d = hdul["PSF_D"].data

@@ -24,7 +24,7 @@ def run(new, ref, **kw):
         for name in PLANES:
             arr = getattr(res, name)
             if name not in out:
-                out[name] = np.full(_shape(new), np.nan if name != "mask" else -1,
+                out[name] = np.full(_shape(new), np.nan if name != "mask" else 0,
                                     dtype=arr.dtype)
             out[name][res.box.slices] = arr
         cands.append(res.candidates)

@@ -125,7 +125,7 @@ class RunPlan:
 class TileResult:
     """One finished tile: its core box in image pixels and the core arrays.
 
-    Arrays are float32 (``mask`` int16) of the core's shape and belong to
+    Arrays are float32 (``mask`` uint8) of the core's shape and belong to
     the caller.  ``candidates`` is an astropy Table (image coordinates).
     """
 
@@ -593,7 +593,7 @@ class TileEngine:
             tile=tile, box=tile.core,
             d=out["d"][core], s=out["s"][core], scorr=out["scorr"][core],
             flux=out["flux"][core], flux_err=out["flux_err"][core],
-            mask=mask_ext[core].astype(np.int16), candidates=cands,
+            mask=mask_ext[core].copy(), candidates=cands,
             stats=dict(bkg_new=bkg_n, bkg_ref=bkg_r,
                        sigma_new=sig_n, sigma_ref=sig_r, f_s=ks.f_s, f_d=ks.f_d,
                        psf_new=psf_src[0], psf_ref=psf_src[1],
@@ -852,7 +852,7 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
              dask: str | None = None, **options) -> SubtractSummary:
     """Subtract ``ref`` from ``new`` into the multi-extension FITS file ``out``.
 
-    Extensions D, S, SCORR, FLUX, FLUX_ERR (float32), MASK (int16, bits of
+    Extensions D, S, SCORR, FLUX, FLUX_ERR (float32), MASK (uint8, bits of
     :class:`~zogy_stream.masks.MaskBit`) and PSF_D, each with the new image's
     WCS and the run's parameters.  The file is written in place tile by tile
     under a temporary name and renamed when complete; on any error or
@@ -915,7 +915,7 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
         header[key] = (0.0 if key.startswith("NC") else 0, comment)
     planes = [Plane(name, np.float32, plan.shape, _plane_header(plane_header, name, text))
               for name, text in OUTPUT_PLANES.items()]
-    planes.append(Plane("MASK", np.int16, plan.shape, _plane_header(plane_header, "MASK",
+    planes.append(Plane("MASK", np.uint8, plan.shape, _plane_header(plane_header, "MASK",
                         "bit flags, see zogy_stream.masks.MaskBit")))
     planes.append(Plane("PSF_D", np.float32, psf_d.shape,
                         _plane_header(fits.Header(), "PSF_D", "PSF of D at the mosaic centre"),
