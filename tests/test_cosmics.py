@@ -102,12 +102,39 @@ def test_hits_found_stars_spared(scene):
         assert found >= 0.75, pix
     # nothing flagged on or around the stars (including the saturated one)
     assert not (crmask & _near_stars(img.shape, xs, ys, 2.5 * fwhm)).any()
-    # hardly anything flagged away from the injected hits (L.A.Cosmic grows into neighbours)
+    # nothing flagged away from the injected hits, beyond L.A.Cosmic's growth into
+    # neighbours and our own one-pixel growth
     injected = np.zeros(img.shape, bool)
     for pix in hits:
         for p in pix:
             injected[p] = True
-    assert (crmask & ~ndimage.binary_dilation(injected, iterations=1)).sum() <= 10
+    near = ndimage.binary_dilation(injected, structure=np.ones((3, 3), bool), iterations=2)
+    assert (crmask & ~near).sum() == 0
+    # the growth: every flagged pixel's 3x3 neighbourhood is flagged too
+    bare = detect_cosmic_rays(img, gain=GAIN, read_noise=READ_NOISE, saturation=SATURATION,
+                              grow=0)
+    assert np.array_equal(crmask, ndimage.binary_dilation(bare, structure=np.ones((3, 3), bool)))
+    assert (bare & ~ndimage.binary_dilation(injected, iterations=1)).sum() <= 10
+
+
+@needs_astroscrappy
+@pytest.mark.parametrize("fwhm", [2.5, 4.0])
+def test_no_false_hits_on_clean_frames(fwhm):
+    """Plain Poisson noise and stars: L.A.Cosmic's Laplacian test alone flags tens of
+    noise pixels per megapixel; the peak-significance test keeps none of them."""
+    shape = (512, 512)
+    rng = np.random.default_rng(7)
+    xs, ys = rng.uniform(10, 502, 150), rng.uniform(10, 502, 150)
+    flux = 10 ** rng.uniform(2.5, 5.0, 150)
+    clean = gaussian_stars(shape, xs, ys, flux, fwhm) + SKY
+    img = (rng.poisson(clean * GAIN) + rng.normal(0.0, READ_NOISE, shape)) / GAIN
+    raw = detect_cosmic_rays(img, gain=GAIN, read_noise=READ_NOISE, min_significance=0,
+                             grow=0)
+    assert raw.sum() >= 3  # the Laplacian test alone does fire on noise here
+    assert detect_cosmic_rays(img, gain=GAIN, read_noise=READ_NOISE).sum() == 0
+    # a real hit in the same frame is still found
+    img[200, 300] += 20 * np.sqrt(SKY / GAIN)
+    assert detect_cosmic_rays(img, gain=GAIN, read_noise=READ_NOISE)[200, 300]
 
 
 @needs_astroscrappy
@@ -181,3 +208,5 @@ def test_bad_arguments():
         detect_cosmic_rays(img, mask=np.zeros((3, 3), bool))
     with pytest.raises(InputError, match="2-D"):
         detect_cosmic_rays(np.zeros(10))
+    with pytest.raises(InputError, match="grow"):
+        detect_cosmic_rays(img, grow=-1)

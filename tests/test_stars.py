@@ -10,7 +10,8 @@ from scipy.special import erf
 
 from zogy_stream.errors import InputError, ProcessingError
 from zogy_stream.stars import (astrometric_sigma, estimate_psf, find_stars, fit_flux_ratio,
-                               match_stars, measure_psf)
+                               fit_psf_model, match_stars, measure_psf, psf_photometry,
+                               registration_offset)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SIG_PER_FWHM = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
@@ -192,6 +193,78 @@ def test_too_few_matches(misregistered_pair):
         fit_flux_ratio(empty, cat_ref)
     with pytest.raises(InputError, match="flux"):
         fit_flux_ratio(Table({"x": [1.0], "y": [2.0]}), cat_ref)
+
+
+def test_registration_offset(misregistered_pair):
+    """The mean offset of matched stars (a residual shift), with an honest error."""
+    cat_new, cat_ref = misregistered_pair
+    dx0, dy0, ex, ey, n = registration_offset(cat_new, cat_ref)
+    assert n >= 200 and 0 < ex < 0.01 and 0 < ey < 0.01
+    assert abs(dx0) < 4 * ex and abs(dy0) < 4 * ey   # simulated without a shift
+    shifted = cat_new.copy()
+    shifted["x"] += 0.13
+    shifted["y"] -= 0.07
+    dx, dy, _, _, _ = registration_offset(shifted, cat_ref)
+    assert dx - dx0 == pytest.approx(0.13, abs=1e-3) and dy - dy0 == pytest.approx(-0.07, abs=1e-3)
+
+
+def test_flux_ratio_robust_to_bright_outliers(misregistered_pair):
+    """Few stars, and the three brightest (best-weighted) are not stars of constant flux
+    (galaxies, variables, blends): they must be rejected, not drag the weighted fit."""
+    cat_new, cat_ref = misregistered_pair
+    ia, ib = match_stars(cat_new, cat_ref)
+    for seed in range(5):
+        sel = np.random.default_rng(seed).choice(len(ia), 20, replace=False)
+        a, b = cat_new[ia[sel]], cat_ref[ib[sel]]
+        top = np.argsort(-np.asarray(b["flux"]))[:3]
+        bad = a.copy()
+        bad["flux"][top] *= [1.3, 1.8, 1.5]
+        assert fit_flux_ratio(bad, b)[0] == pytest.approx(fit_flux_ratio(a, b)[0], rel=0.01)
+
+
+def test_psf_photometry_unbiased_and_errors():
+    """PSF fluxes with the true PSF: unbiased, with errors that match the scatter."""
+    shape = (600, 600)
+    rng = np.random.default_rng(21)
+    g = np.arange(40)
+    xs = 40 + (g % 8) * 70 + rng.uniform(-0.5, 0.5, 40)
+    ys = 40 + (g // 8) * 100 + rng.uniform(-0.5, 0.5, 40)
+    fl = np.full(40, 5000.0)
+    img = render(shape, xs, ys, fl, 3.5) + 400.0
+    img = rng.poisson(img).astype(float)            # gain 1: sky noise 20
+    psf = true_psf(21, 3.5)
+    f, e, ok = psf_photometry(img, xs, ys, psf, rms=20.0, gain=1.0)
+    assert ok.all()
+    z = (f - 5000.0) / e
+    assert abs(np.mean(f) / 5000.0 - 1) < 3 * np.std(f) / 5000.0 / np.sqrt(40) + 0.003
+    assert 0.7 < np.std(z) < 1.3
+    # a source whose stamp leaves the image is not measured
+    f2, _, ok2 = psf_photometry(img, [3.0], [300.0], psf, rms=20.0)
+    assert not ok2[0] and np.isnan(f2[0])
+    with pytest.raises(InputError, match="odd"):
+        psf_photometry(img, xs, ys, np.ones((4, 4)), rms=20.0)
+
+
+@pytest.mark.parametrize("n_stars", [1, 3])
+def test_fit_psf_model_from_few_stars(n_stars):
+    """With too few stars to stack, a Moffat fitted to one or three recovers the PSF."""
+    shape = (256, 256)
+    rng = np.random.default_rng(8)
+    xs = np.array([70.3, 180.6, 120.2])[:n_stars]
+    ys = np.array([80.7, 150.2, 200.5])[:n_stars]
+    img = rng.normal(200.0, 8.0, shape) + render(shape, xs, ys, [4e4] * n_stars, 4.5, "moffat",
+                                                  beta=3.0)
+    cat = find_stars(img)
+    with pytest.raises(ProcessingError):
+        estimate_psf(img, stars=cat)                 # the stack needs 5
+    psf, info = fit_psf_model(img, stars=cat)
+    assert info["n_stars"] == n_stars
+    assert info["fwhm"] == pytest.approx(4.5, rel=0.05)
+    assert info["beta"] == pytest.approx(3.0, rel=0.25)
+    truth = true_psf(psf.shape[0], 4.5, "moffat", beta=3.0)
+    assert np.abs(psf - truth).sum() < 0.03
+    with pytest.raises(ProcessingError, match="no bright"):
+        fit_psf_model(rng.normal(200.0, 8.0, shape), stars=cat[:0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,11 @@ PSF sources per image (:class:`PsfSource`):
   has enough good ones (``local``), else uses the mosaic-wide one (``global``).
 
 The flux ratio ``F_n/F_r`` (``auto``) and the astrometric sigma (``auto``)
-are fitted from the matched star catalogues of the same sampled regions.
+are fitted from the matched star catalogues of the same sampled regions; so is
+the residual registration offset, which :func:`register_psf` folds into the
+new image's PSF.  :func:`detect_saturation` finds the saturation level of an
+image without a SATURATE keyword, :func:`defect_mask` the pixels of a tile
+window that carry no sky signal (zero-coverage fill, defective border lines).
 Everything here is deterministic: a tile's result depends only on its pixels
 and on the (picklable) plan.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,14 +33,18 @@ from .tiles import Box
 
 __all__ = ["PsfSource", "load_psf_source", "sample_boxes", "RegionStars", "region_stars",
            "estimate_global_psf", "fit_global_flux_ratio", "fit_global_astrometric_sigma",
-           "pad_psf", "usable_star_count"]
+           "pad_psf", "usable_star_count", "detect_saturation", "defect_mask",
+           "fit_registration", "register_psf", "shift_psf"]
 
 log = logging.getLogger(__name__)
 
 #: fewest stars for a tile's own PSF (else the mosaic-wide one)
 MIN_LOCAL_STARS = 8
-#: fewest stars for the mosaic-wide PSF
-MIN_GLOBAL_STARS = 5
+#: fewest stars for the mosaic-wide empirical PSF (fewer: a Moffat fitted to them; a
+#: stack of a handful of stars is noisy and its noise spreads the ZOGY kernels)
+MIN_GLOBAL_STARS = 10
+#: most (brightest) stars per region with PSF fluxes for the flux ratio
+MAX_RATIO_STARS = 300
 
 
 def pad_psf(psf: np.ndarray, size: int) -> np.ndarray:
@@ -61,6 +70,9 @@ class PsfSource:
     size: int = 0
     local: bool = False
     n_stars: int = 0
+    #: residual registration offset (dx, dy) folded into this image's PSFs (NEW only);
+    #: ``psf`` and ``largest`` already carry it, tile PSFs get it in :meth:`for_tile`
+    shift: tuple = (0.0, 0.0)
 
     @property
     def varies(self) -> bool:
@@ -74,7 +86,7 @@ class PsfSource:
         if self.kind == "psfex":
             c = tile.core
             x, y = 0.5 * (c.x0 + c.x1 - 1), 0.5 * (c.y0 + c.y1 - 1)
-            return self.model.evaluate(x, y, size=self.size), "psfex", {}
+            return shift_psf(self.model.evaluate(x, y, size=self.size), *self.shift), "psfex", {}
         if not self.local or window is None:
             return self.psf, "global", {}
         from .stars import estimate_psf
@@ -88,7 +100,8 @@ class PsfSource:
                                          min_stars=MIN_LOCAL_STARS, snr_min=15.0)
                 f_loc, f_glob = psf_fwhm(psf), psf_fwhm(self.psf)
                 if 0.6 <= f_loc / f_glob <= 1.6:
-                    return pad_psf(psf, self.size), "local", {"n_stars": info["n_stars"]}
+                    return (shift_psf(pad_psf(psf, self.size), *self.shift), "local",
+                            {"n_stars": info["n_stars"]})
                 reason = f"local FWHM {f_loc:.2f} px far from mosaic-wide {f_glob:.2f} px"
             except (ProcessingError, InputError) as exc:
                 reason = str(exc).split(";")[0]
@@ -168,6 +181,7 @@ class RegionStars:
     box: Box
     data: np.ndarray
     cat: object  # astropy Table (box coordinates)
+    psf: np.ndarray | None = None  # this region's estimated PSF (estimate_global_psf)
 
 
 def region_stars(reader, boxes, *, saturation: float, gain: float | None) -> list[RegionStars]:
@@ -224,11 +238,10 @@ def estimate_global_psf(regions, label: str, *, saturation: float,
             log.info("%s: no PSF from region %s (%s)", label, r.box, exc)
             continue
         psfs.append(psf)
+        r.psf = psf
         n_used += int(info["n_stars"])
     if not psfs:
-        n = usable_star_count(regions)
-        raise ProcessingError(f"cannot estimate the PSF of {label}: only {n} usable stars; "
-                              f"give --{label.lower()}-psf")
+        return _model_psf_source(regions, label, sat=sat, psf_size=psf_size, local=local)
     size = psf_size or max(p.shape[0] for p in psfs)
     padded = [pad_psf(p, size) for p in psfs]
     mean = np.mean(padded, axis=0)
@@ -237,6 +250,46 @@ def estimate_global_psf(regions, label: str, *, saturation: float,
     log.info("%s: mosaic-wide PSF from %d stars in %d region(s), FWHM %.2f px (largest %.2f), "
              "size %d", label, n_used, len(psfs), psf_fwhm(mean), psf_fwhm(largest), size)
     return PsfSource(label, "auto", mean, largest, size=size, local=local, n_stars=n_used)
+
+
+def _model_psf_source(regions, label: str, *, sat, psf_size, local) -> PsfSource:
+    """Too few stars for an empirical PSF anywhere: a Moffat fitted to the few there are.
+
+    Each region's stars give a Moffat FWHM and beta
+    (:func:`zogy_stream.stars.fit_psf_model`); their star-weighted means
+    define the mosaic-wide PSF.  Tiles then use it too (there are not enough
+    stars for local PSFs either).
+
+    Raises
+    ------
+    ProcessingError
+        Not a single usable star.
+    """
+    from .stars import fit_psf_model, moffat_image
+
+    fits_, reasons = [], []
+    for r in regions:
+        if len(r.cat) == 0:
+            continue
+        try:
+            _, info = fit_psf_model(r.data, stars=r.cat, saturation=sat, size=psf_size)
+        except (ProcessingError, InputError) as exc:
+            reasons.append(str(exc))
+            continue
+        fits_.append(info)
+    if not fits_:
+        n = usable_star_count(regions)
+        raise ProcessingError(f"cannot estimate the PSF of {label}: only {n} usable stars; "
+                              f"give --{label.lower()}-psf")
+    w = np.array([f["n_stars"] for f in fits_], float)
+    fwhm = float(np.sum(w * [f["fwhm"] for f in fits_]) / w.sum())
+    beta = float(np.exp(np.sum(w * np.log([f["beta"] for f in fits_])) / w.sum()))
+    size = psf_size or int(np.clip(int(round(6.0 * fwhm)) // 2 * 2 + 1, 15, 63))
+    psf = moffat_image(fwhm, beta, size)
+    n_used = int(w.sum())
+    log.warning("%s: too few stars for an empirical PSF; using a Moffat profile (FWHM %.2f px, "
+                "beta %.2f) fitted to %d star(s)", label, fwhm, beta, n_used)
+    return PsfSource(label, "auto", psf, psf, size=size, local=False, n_stars=n_used)
 
 
 def _stack(regions):
@@ -272,11 +325,85 @@ def _fit_matched(new_regions, ref_regions, fit):
         return None, str(exc)
 
 
-def fit_global_flux_ratio(new_regions, ref_regions) -> tuple[float, float, int, str]:
-    """``(ratio, err, n_stars, source)``; ``(1.0, nan, 0, 'default')`` when too few stars."""
+def _region_psf(src: PsfSource | None, region: RegionStars) -> np.ndarray | None:
+    """The PSF the subtraction uses around ``region``: its own estimate, or the source's."""
+    if region.psf is not None:
+        return region.psf
+    if src is None:
+        return None
+    if src.kind == "psfex":
+        b = region.box
+        return src.model.evaluate(0.5 * (b.x0 + b.x1 - 1), 0.5 * (b.y0 + b.y1 - 1),
+                                  size=src.size)
+    psf = src.psf
+    if psf.shape[0] % 2 == 0 or psf.shape[0] != psf.shape[1]:
+        # odd and square, the centre pixel (ny // 2, nx // 2) kept in the middle
+        ny, nx = psf.shape
+        n = max(ny, nx) // 2 * 2 + 1
+        out = np.zeros((n, n))
+        y0, x0 = n // 2 - ny // 2, n // 2 - nx // 2
+        out[y0:y0 + ny, x0:x0 + nx] = psf
+        psf = out
+    return psf
+
+
+def _add_psf_fluxes(regions, src: PsfSource | None, gain, snr_min: float) -> bool:
+    """PSF fluxes (``psf_flux``, ``psf_flux_err``) of each region's usable stars."""
+    from .stars import psf_photometry
+
+    done = False
+    for r in regions:
+        c = r.cat
+        if len(c) == 0 or "star_like" not in c.colnames:
+            continue
+        psf = _region_psf(src, r)
+        c["psf_flux"] = np.full(len(c), np.nan)
+        c["psf_flux_err"] = np.full(len(c), np.nan)
+        if psf is None:
+            continue
+        use = (~np.asarray(c["saturated"], bool) & np.asarray(c["isolated"], bool)
+               & (np.asarray(c["snr"]) >= snr_min))
+        if not use.any():
+            continue
+        idx = np.nonzero(use)[0]
+        idx = idx[np.argsort(-np.asarray(c["snr"])[idx])][:MAX_RATIO_STARS]  # bounded cost
+        rms = float(c.meta.get("background_rms", np.nan))
+        if not rms > 0:
+            continue
+        f, e, ok = psf_photometry(r.data, np.asarray(c["x"])[idx], np.asarray(c["y"])[idx],
+                                  psf, rms=rms, gain=gain)
+        c["psf_flux"][idx[ok]] = f[ok]
+        c["psf_flux_err"][idx[ok]] = e[ok]
+        done = done or bool(ok.any())
+    return done
+
+
+def fit_global_flux_ratio(new_regions, ref_regions, *, psfs=None, gains=(None, None),
+                          snr_min: float = 10.0) -> tuple[float, float, int, str]:
+    """``(ratio, err, n_stars, source)``; ``(1.0, nan, 0, 'default')`` when too few stars.
+
+    With ``psfs`` (the two :class:`PsfSource`, or regions that carry their own
+    estimated PSF) the fluxes are PSF fits with each image's own PSF
+    (:func:`zogy_stream.stars.psf_photometry`): the ratio of those is the
+    ``F_n/F_r`` that makes ZOGY's model of a static star, ``F P`` with the
+    unit-sum PSFs it is given, match both images, whatever part of the light
+    the PSF models miss; PSF fits also weight the cores, so neighbours and
+    background errors bias them far less than the 2 x FWHM apertures used
+    otherwise (with aperture corrections).  Stars need ``S/N >= snr_min`` (in
+    the aperture) in both images; the fit is robust (see
+    :func:`zogy_stream.stars.fit_flux_ratio`).
+    """
+    from functools import partial
+
     from .stars import fit_flux_ratio
 
-    res, reason = _fit_matched(new_regions, ref_regions, fit_flux_ratio)
+    psfs = psfs or (None, None)
+    fit = partial(fit_flux_ratio, snr_min=snr_min)
+    if (_add_psf_fluxes(new_regions, psfs[0], gains[0], snr_min)
+            and _add_psf_fluxes(ref_regions, psfs[1], gains[1], snr_min)):
+        fit = partial(fit_flux_ratio, snr_min=snr_min, columns=("psf_flux", "psf_flux_err"),
+                      aperture_correction=False)
+    res, reason = _fit_matched(new_regions, ref_regions, fit)
     if res is None:
         log.warning("cannot fit the flux ratio (%s); using 1.0 (give --flux-ratio)", reason)
         return 1.0, float("nan"), 0, "default"
@@ -298,12 +425,328 @@ def fit_local_flux_ratio(cat_n, cat_r) -> tuple[float, float, int] | None:
 
 def fit_global_astrometric_sigma(new_regions, ref_regions) -> tuple[float, float, int, str]:
     """``(sx, sy, n, source)``; ``(0, 0, 0, 'default')`` when too few stars."""
+    from functools import partial
+
     from .stars import astrometric_sigma
 
-    res, reason = _fit_matched(new_regions, ref_regions, astrometric_sigma)
+    # three stars already tell a scatter of tenths of a pixel from none at all, and
+    # V_ast only damps S_corr on the gradients of bright sources
+    res, reason = _fit_matched(new_regions, ref_regions, partial(astrometric_sigma, min_stars=3))
     if res is None:
         log.warning("cannot estimate the astrometric sigma (%s); using 0 0", reason)
         return 0.0, 0.0, 0, "default"
     sx, sy, n = res
     log.info("astrometric sigma %.4f, %.4f px from %d matched stars", sx, sy, n)
     return float(sx), float(sy), int(n), "auto"
+
+
+# ---------------------------------------------------------------- registration
+def shift_psf(psf: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """``psf`` moved by ``(+dx, +dy)`` pixels (cubic-spline interpolation), unit sum.
+
+    A spline shift keeps the PSF compact; a Fourier shift of a PSF that is
+    not band-limited rings over the whole stamp and widens the ZOGY kernels'
+    support (and so the tile overlap) by half.  For shifts of a fraction of
+    a pixel the two agree to ~0.1 % of the peak.  Returns ``psf`` itself when
+    the shift is zero.
+    """
+    if dx == 0 and dy == 0:
+        return psf
+    from scipy import ndimage
+
+    out = ndimage.shift(np.asarray(psf, np.float64), (float(dy), float(dx)), order=3,
+                        mode="constant", cval=0.0)
+    return out / out.sum()
+
+
+def fit_registration(new_regions, ref_regions, *, nsigma: float = 3.0
+                     ) -> tuple[float, float, float, float, int]:
+    """Residual registration offset ``new - ref`` from matched stars.
+
+    Returns ``(dx, dy, dx_err, dy_err, n)``; the offset is ``(0, 0)`` when it
+    is not significant (neither axis beyond ``nsigma`` errors) or cannot be
+    fitted (``n = 0``).
+    """
+    from functools import partial
+
+    from .stars import registration_offset
+
+    # a mean needs fewer stars than a scatter: the significance test guards it
+    res, reason = _fit_matched(new_regions, ref_regions,
+                               partial(registration_offset, min_stars=3))
+    if res is None:
+        log.info("no registration offset fitted (%s)", reason)
+        return 0.0, 0.0, float("nan"), float("nan"), 0
+    dx, dy, ex, ey, n = (float(v) for v in res)
+    z = max(abs(dx) / ex if ex > 0 else math.inf * abs(dx),
+            abs(dy) / ey if ey > 0 else math.inf * abs(dy))
+    if not z > nsigma:
+        log.info("registration offset (%.4f, %.4f) +- (%.4f, %.4f) px from %d stars is not "
+                 "significant: not applied", dx, dy, ex, ey, int(n))
+        return 0.0, 0.0, ex, ey, int(n)
+    return dx, dy, ex, ey, int(n)
+
+
+def register_psf(src_n: PsfSource, src_r: PsfSource, new_regions, ref_regions,
+                 *, nsigma: float = 3.0) -> PsfSource:
+    """NEW's PSF source with the residual registration offset folded into its PSFs.
+
+    Two images registered to a fraction of a pixel still differ by a small
+    global shift; left alone it turns every bright star into a dipole in D
+    and S_corr.  ZOGY needs no resampling to undo it: the PSF of N on the
+    common grid is N's own PSF displaced by the shift.  The offset ``delta``
+    (mean ``x_new - x_ref`` of matched stars' windowed centroids, see
+    :func:`zogy_stream.stars.registration_offset`) is applied when
+    significant, as ``delta - (c_n - c_r)`` where ``c_n``, ``c_r`` are the
+    windowed-centroid offsets of the two (mosaic-wide) PSFs from their
+    centre pixels, measured the same way, so PSFs given off-centre are
+    accounted for; estimated PSFs are centred to 0.02 px.
+
+    Parameters
+    ----------
+    src_n, src_r : PsfSource
+        PSF sources of NEW and REF.
+    new_regions, ref_regions : list of RegionStars
+        Star catalogues of the sampled regions (:func:`region_stars`).
+    nsigma : float, optional
+        Significance needed to apply the offset.
+
+    Returns
+    -------
+    PsfSource
+        ``src_n`` with ``shift`` set and ``psf``/``largest`` shifted (or
+        ``src_n`` itself when nothing is applied).
+    """
+    import dataclasses
+
+    from .stars import measure_psf
+
+    dx, dy, ex, ey, n = fit_registration(new_regions, ref_regions, nsigma=nsigma)
+    if dx == 0 and dy == 0:
+        return src_n
+    _, xn, yn = measure_psf(src_n.psf)
+    _, xr, yr = measure_psf(src_r.psf)
+    cn = (xn - src_n.psf.shape[1] // 2, yn - src_n.psf.shape[0] // 2)
+    cr = (xr - src_r.psf.shape[1] // 2, yr - src_r.psf.shape[0] // 2)
+    sx, sy = dx - (cn[0] - cr[0]), dy - (cn[1] - cr[1])
+    log.info("registration offset NEW - REF = (%.4f, %.4f) +- (%.4f, %.4f) px from %d stars: "
+             "NEW's PSF shifted by (%.4f, %.4f) px", dx, dy, ex, ey, n, sx, sy)
+    return dataclasses.replace(src_n, psf=shift_psf(src_n.psf, sx, sy),
+                               largest=shift_psf(src_n.largest, sx, sy), shift=(sx, sy))
+
+
+# ---------------------------------------------------------------- saturation
+def _full_scale(header) -> float | None:
+    """Largest physical value an integer FITS image can hold (None for float data)."""
+    try:
+        bitpix = int(header.get("ZBITPIX", header.get("BITPIX", -32)))
+        bscale = float(header.get("BSCALE", 1.0))
+        bzero = float(header.get("BZERO", 0.0))
+    except (TypeError, ValueError):
+        return None
+    if bitpix <= 0 or not bscale > 0:
+        return None
+    raw_max = 255 if bitpix == 8 else 2 ** (bitpix - 1) - 1
+    return raw_max * bscale + bzero
+
+
+def detect_saturation(reader, boxes=None, *, min_pixels: int = 3,
+                      min_contrast: float = 20.0) -> float:
+    """Saturation level of an image without a SATURATE keyword (``inf`` if none is seen).
+
+    A saturated detector pixel holds the converter's full-scale value (or a
+    clipped level set by the software that wrote the file), so saturated
+    stars pile pixels up on one exact value at the top of the histogram,
+    which unsaturated stars, whose peaks are noisy, never do.  The level is
+    the image maximum when either
+
+    * it is the largest value the integer FITS type can hold (after
+      BSCALE/BZERO, e.g. 65535 for unsigned 16-bit data), or
+    * at least ``min_pixels`` pixels share it and it lies more than
+      ``min_contrast`` robust standard deviations above the median.
+
+    Only the regions of :func:`sample_boxes` are read (the whole image when
+    it is small), as for the star catalogues.
+
+    Parameters
+    ----------
+    reader : ImageReader
+        The open image.
+    boxes : list of Box, optional
+        Regions to read (default :func:`sample_boxes`).
+    min_pixels : int, optional
+        Pixels needed at the maximum for a pile-up.
+    min_contrast : float, optional
+        Height of the maximum above the median, in robust sigmas.
+
+    Returns
+    -------
+    float
+        The saturation level (pixels ``>=`` it are saturated), or ``inf``.
+    """
+    from astropy.stats import mad_std
+
+    boxes = boxes or sample_boxes(reader.shape)
+    vmax, count, samples = -math.inf, 0, []
+    for box in boxes:
+        data = reader.read(box)
+        reader.release(box)
+        f = data[np.isfinite(data)]
+        if f.size == 0:
+            continue
+        m = float(f.max())
+        n = int(np.count_nonzero(f == m))
+        if m > vmax:
+            vmax, count = m, n
+        elif m == vmax:
+            count += n
+        samples.append(f[::max(1, f.size // 50_000)])
+    if not samples:
+        return math.inf
+    s = np.concatenate(samples)
+    med, sig = float(np.median(s)), float(mad_std(s))
+    full = _full_scale(reader.header)
+    at_full = full is not None and vmax >= full - 0.5
+    pileup = count >= min_pixels and vmax > med + min_contrast * max(sig, 1e-30)
+    if at_full or pileup:
+        log.info("%s: no saturation level given; %d pixel(s) at the maximum %.6g (%s): "
+                 "saturated at %.6g", reader.label, count, vmax,
+                 "full scale of the data type" if at_full else "a pile-up", vmax)
+        return vmax
+    return math.inf
+
+
+# ---------------------------------------------------------------- defects
+def _flat_mask(img: np.ndarray, sigma: float, size: int = 5) -> np.ndarray | None:
+    """Pixels of ``size`` x ``size`` blocks of one exact value (zero-coverage fill)."""
+    from scipy import ndimage
+
+    a = img
+    if min(a.shape) < size:
+        return None
+    eq = a[:, 1:] == a[:, :-1]
+    n = a.shape[1] - size + 1
+    run = eq[:, :n].copy()
+    for k in range(1, size - 1):  # size - 1 equal neighbours in a row: a run of `size`
+        run &= eq[:, k:k + n]
+    if not run.any():
+        return None
+    if sigma < 1.0:  # coarsely quantised noise repeats values by chance
+        smp = a[::7, ::7]
+        smp = smp[np.isfinite(smp)]
+        if smp.size and np.all(smp == np.round(smp)):
+            return None
+    lo = ndimage.minimum_filter(a, size=size, mode="nearest")
+    hi = ndimage.maximum_filter(a, size=size, mode="nearest")
+    centre = lo == hi
+    centre[:size // 2] = centre[-(size // 2):] = False
+    centre[:, :size // 2] = centre[:, -(size // 2):] = False
+    if not centre.any():
+        return None
+    return ndimage.binary_dilation(centre, structure=np.ones((size, size), bool))
+
+
+def _bad_border_lines(lines: np.ndarray, sigma: float, *, depth: int, n_ref: int,
+                      level: float, noise: tuple[float, float]) -> int:
+    """How many lines, counted from the border (row 0 of ``lines``), are defective."""
+    from astropy.stats import mad_std
+
+    n = min(len(lines), depth + n_ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN lines
+        med = np.nanmedian(lines[:n], axis=1)
+    mad = np.array([mad_std(v[np.isfinite(v)]) if np.isfinite(v).sum() > 8 else np.nan
+                    for v in lines[:n]])
+    if n < n_ref + 1:
+        return 0
+    # reference: a straight line through the medians of the n_ref lines inside the
+    # flagged zone (a smooth gradient towards the edge is sky, not a defect)
+    ref = np.arange(depth, n) if n > depth else np.arange(n - n_ref, n)
+    ok = np.isfinite(med[ref])
+    if ok.sum() < 3:
+        return 0
+    coef = np.polyfit(ref[ok], med[ref][ok], 1)
+    scale = float(np.nanmedian(mad[ref])) if np.isfinite(mad[ref]).any() else sigma
+    scale = scale if scale > 0 else sigma
+    length = lines.shape[1]
+    tol = level * sigma + 3.0 * 1.25 * scale / math.sqrt(length)  # plus the medians' noise
+    bad = 0
+    for j in range(min(depth, ref[0])):
+        off = abs(med[j] - np.polyval(coef, j))
+        q = mad[j] / scale if np.isfinite(mad[j]) else 1.0
+        if np.isfinite(med[j]) and (off > tol or not noise[0] <= q <= noise[1]):
+            bad = j + 1
+        else:
+            break
+    return bad
+
+
+def defect_mask(img: np.ndarray, valid: Box, shape, sigma: float, *, depth: int = 8,
+                n_ref: int = 8, level: float = 1.0, noise=(0.3, 3.0),
+                min_length: int = 32) -> np.ndarray | None:
+    """Pixels of a tile window that carry no usable sky signal.
+
+    Two kinds, both common in real frames and both a source of false
+    candidates when left in (a line offset by ``d`` per pixel shifts S_corr
+    along it by about ``1.4 d / sigma``):
+
+    * **zero coverage**: blocks of 5 x 5 pixels of one exact value (mosaic
+      edges and gaps filled with 0 or a constant, rows/columns left over by a
+      shift during alignment); noise never repeats a value 25 times (skipped
+      for integer data with sigma < 1, where it can);
+    * **defective border lines**: counted from each image border that the
+      window touches, the consecutive rows/columns whose median departs from
+      a straight line through the next ``n_ref`` lines further in by more than
+      ``level`` sigma (plus the medians' own noise), or whose robust scatter
+      is outside ``noise`` times that of those lines (dead, hot, or partly
+      read-out lines); at most ``depth`` lines per border.
+
+    Parameters
+    ----------
+    img : ndarray
+        The in-image part of the window (``valid``), background included.
+    valid : Box
+        Its position in the image.
+    shape : (int, int)
+        The image shape (to know which sides of the window are image borders).
+    sigma : float
+        Background noise of the image.
+    depth, n_ref, level, noise, min_length : optional
+        Border-line test parameters (lines shorter than ``min_length`` pixels
+        are not tested).
+
+    Returns
+    -------
+    ndarray of bool or None
+        True for defective pixels; None when there are none.
+    """
+    if not sigma > 0 or img.size == 0:
+        return None
+    out = _flat_mask(img, sigma)
+    ny, nx = img.shape
+    sides = []
+    if valid.y0 == 0:
+        sides.append(("top", img))
+    if valid.y1 == shape[0]:
+        sides.append(("bottom", img[::-1]))
+    if valid.x0 == 0:
+        sides.append(("left", img.T))
+    if valid.x1 == shape[1]:
+        sides.append(("right", img[:, ::-1].T))
+    for side, lines in sides:
+        if lines.shape[1] < min_length:
+            continue
+        k = _bad_border_lines(lines, sigma, depth=depth, n_ref=n_ref, level=level,
+                              noise=noise)
+        if not k:
+            continue
+        out = np.zeros(img.shape, bool) if out is None else out
+        if side == "top":
+            out[:k] = True
+        elif side == "bottom":
+            out[ny - k:] = True
+        elif side == "left":
+            out[:, :k] = True
+        else:
+            out[:, nx - k:] = True
+    return out if out is not None and out.any() else None

@@ -128,9 +128,12 @@ def subtraction_parent() -> argparse.ArgumentParser:
                    help="F_n/F_r, the new image's flux scale relative to REF: a number, auto "
                         "(default: fitted from matched stars) or local (per tile)")
     g.add_argument("--astrometric-sigma", metavar="SX SY|auto", nargs="+",
-                   default=["0", "0"],
                    help="registration noise in pixels for V_ast, or auto (from matched "
-                        "stars; default 0 0)")
+                        "stars; default: auto when stars are matched anyway, i.e. for an "
+                        "estimated PSF or flux ratio, else 0 0)")
+    g.add_argument("--no-registration", action="store_true",
+                   help="do not fold the residual sub-pixel offset of matched stars into "
+                        "NEW's PSF")
     g.add_argument("--no-noise-correction", action="store_true",
                    help="do not rescale S_corr per tile to unit dispersion on blank sky")
     g.add_argument("--cosmic-rays", choices=("auto", "on", "off"), default="auto",
@@ -165,7 +168,7 @@ def subtraction_parent() -> argparse.ArgumentParser:
 def _ast_kw(values):
     from .errors import ConfigError
 
-    if isinstance(values, (str, tuple)):
+    if values is None or isinstance(values, (str, tuple)):
         return values
     try:
         return _astrometric_sigma(list(values))
@@ -185,6 +188,7 @@ def subtract_kwargs(args: argparse.Namespace) -> dict:
         gain_key=args.gain_key, saturate_key=args.saturate_key, psf_size=args.psf_size,
         local_psf=not args.no_local_psf, noise_correction=not args.no_noise_correction,
         cosmic_rays=args.cosmic_rays, zeropoint=args.zeropoint,
+        registration=not args.no_registration,
         bkg_mesh=args.bkg_mesh, threshold=args.threshold, tile=args.tile, overlap=args.overlap,
         threads=args.threads, image_space=args.image_space,
         wisdom=False if args.no_wisdom else args.wisdom, fft_effort=args.fft_effort,

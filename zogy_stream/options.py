@@ -32,9 +32,11 @@ class Options:
         (the default) fits it from matched bright stars in a few sampled regions
         at plan time (1.0 with a warning when too few stars); ``"local"`` fits it
         per tile, falling back to the global fit.
-    astrometric_sigma : (float, float) or "auto"
+    astrometric_sigma : (float, float), "auto" or "default"
         Registration noise (sigma_x, sigma_y) in pixels for V_ast; ``"auto"``
-        estimates it from the scatter of matched stars' centroid offsets.
+        estimates it from the scatter of matched stars' centroid offsets;
+        ``"default"`` (the default) is ``"auto"`` when stars are matched at
+        plan time anyway (an estimated PSF or flux ratio), else ``(0, 0)``.
     tile : int
         Side of the square tile core in pixels.
     overlap : int or None
@@ -81,10 +83,15 @@ class Options:
         and not a coadd, NCOMBINE <= 1), ``on`` or ``off``.
     zeropoint : float or None
         Photometric zero point of the reference units: adds ``mag``, ``mag_err``.
+    registration : bool
+        Fold the residual sub-pixel registration offset of the two images
+        (mean centroid offset of matched stars, when significant) into the
+        new image's PSF; done whenever stars are matched at plan time (an
+        estimated PSF, ``flux_ratio`` or ``astrometric_sigma`` ``auto``).
     """
 
     flux_ratio: float | str = "auto"
-    astrometric_sigma: tuple[float, float] | str = (0.0, 0.0)
+    astrometric_sigma: tuple[float, float] | str = "default"
     tile: int = 1024
     overlap: int | None = None
     threads: int = 0
@@ -109,6 +116,7 @@ class Options:
     noise_correction: bool = True
     cosmic_rays: str = "auto"
     zeropoint: float | None = None
+    registration: bool = True
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "Options":
@@ -126,10 +134,10 @@ class Options:
         kw = {k: v for k, v in kwargs.items() if v is not None or k in ("overlap", "wisdom")}
         o = cls(**kw)
         if isinstance(o.astrometric_sigma, str):
-            if o.astrometric_sigma.strip().lower() != "auto":
+            sig = o.astrometric_sigma.strip().lower()
+            if sig not in ("auto", "default"):
                 raise ConfigError("astrometric_sigma must be two numbers or 'auto', got "
                                   f"{o.astrometric_sigma!r}")
-            sig = "auto"
         else:
             try:
                 sig = tuple(float(v) for v in o.astrometric_sigma)
@@ -200,4 +208,5 @@ class Options:
             psf_size=None if o.psf_size is None else int(o.psf_size),
             local_psf=bool(o.local_psf), noise_correction=bool(o.noise_correction),
             cosmic_rays=cr, zeropoint=None if o.zeropoint is None else float(o.zeropoint),
+            registration=bool(o.registration),
         )

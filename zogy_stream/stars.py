@@ -5,10 +5,13 @@ Everything here works on one tile or on one whole image:
 * :func:`find_stars` -- detection, windowed centroids, aperture photometry and
   star/galaxy/cosmic-ray classification with `sep`;
 * :func:`estimate_psf` -- an empirical PSF stacked from bright, isolated,
-  unsaturated stars;
-* :func:`match_stars`, :func:`fit_flux_ratio`, :func:`astrometric_sigma` --
-  the flux ratio ``F_n / F_r`` and the registration noise ``(sigma_x, sigma_y)``
-  from two catalogues of the same field;
+  unsaturated stars; :func:`fit_psf_model` -- a Moffat fitted to the few
+  stars there are when a stack is not possible;
+* :func:`psf_photometry` -- PSF-fit fluxes at known positions;
+* :func:`match_stars`, :func:`fit_flux_ratio`, :func:`astrometric_sigma`,
+  :func:`registration_offset` -- the flux ratio ``F_n / F_r``, the
+  registration noise ``(sigma_x, sigma_y)`` and the residual mean offset from
+  two catalogues of the same field;
 * :func:`measure_psf` -- FWHM and centroid of a PSF array.
 
 Coordinates are 0-based pixels with the centre of pixel ``[0, 0]`` at
@@ -34,6 +37,10 @@ __all__ = [
     "match_stars",
     "fit_flux_ratio",
     "astrometric_sigma",
+    "registration_offset",
+    "psf_photometry",
+    "fit_psf_model",
+    "moffat_image",
     "measure_psf",
 ]
 
@@ -572,7 +579,9 @@ def _recentre(psf: np.ndarray, *, tolerance: float = 0.2) -> tuple[np.ndarray, f
     """Shift ``psf`` so that its centroid is the centre pixel if it is off by > tolerance."""
     c = psf.shape[0] // 2
     _, xc, yc = measure_psf(psf)
-    if np.hypot(xc - c, yc - c) > tolerance:
+    for _ in range(3):  # clipping the shifted wings moves the centroid a little: iterate
+        if not np.hypot(xc - c, yc - c) > tolerance:
+            break
         log.debug("re-centring PSF by (%.3f, %.3f) px", c - xc, c - yc)
         psf = np.clip(_fourier_shift(psf, c - xc, c - yc), 0, None)
         psf /= psf.sum()
@@ -800,7 +809,9 @@ def estimate_psf(image, *, size=None, saturation=None, mask=None, stars=None, mi
     if not total > 0:
         raise ProcessingError("the stacked PSF has no positive flux; check the star catalogue")
     psf = psf / total
-    psf, xc, yc = _recentre(psf)
+    # centred to within 0.02 px: the registration offset measured from the same windowed
+    # centroids is applied to the PSFs (calibrate.register_psf), so they must agree
+    psf, xc, yc = _recentre(psf, tolerance=0.02)
     fwhm, _, _ = measure_psf(psf)
     info = dict(n_stars=int(len(idx)), n_candidates=int(n_candidates), fwhm=float(fwhm),
                 fwhm_stars=fwhm_stars, centroid=(float(xc), float(yc)), size=int(size),
@@ -808,6 +819,234 @@ def estimate_psf(image, *, size=None, saturation=None, mask=None, stars=None, mi
     log.info("PSF from %d stars: size %d, FWHM %.2f px, centroid offset (%.3f, %.3f)",
              len(idx), size, fwhm, xc - c, yc - c)
     return psf, info
+
+
+def moffat_image(fwhm: float, beta: float, size: int, *, dx: float = 0.0, dy: float = 0.0,
+                 oversample: int = 5) -> np.ndarray:
+    """Pixel-integrated circular Moffat profile of unit sum on a ``size`` x ``size`` grid.
+
+    Centred at ``(size // 2 + dx, size // 2 + dy)``; ``beta`` above ~20 is
+    practically a Gaussian.
+    """
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    c = size // 2
+    sub = (np.arange(oversample) + 0.5) / oversample - 0.5
+    g = np.arange(size) - c
+    fx = (g[:, None] + sub[None, :]).ravel() - dx
+    fy = (g[:, None] + sub[None, :]).ravel() - dy
+    r2 = fy[:, None] ** 2 + fx[None, :] ** 2
+    prof = (1.0 + r2 / (alpha * alpha)) ** (-beta)
+    img = prof.reshape(size, oversample, size, oversample).mean(axis=(1, 3))
+    return img / img.sum()
+
+
+def fit_psf_model(image, *, stars, size=None, saturation=None, mask=None, snr_min=20.0,
+                  max_stars=50, background=None, rms=None) -> tuple[np.ndarray, dict]:
+    """A circular Moffat PSF fitted to the few good stars of an image.
+
+    The fallback when there are too few stars to stack an empirical PSF
+    (:func:`estimate_psf`), e.g. small cut-outs: the FWHM and ``beta`` of a
+    pixel-integrated circular Moffat profile are fitted jointly to the
+    stamps of up to ``max_stars`` bright, isolated, unsaturated, star-like
+    sources (each with its own amplitude, background and sub-pixel centre),
+    so one bright star suffices.
+
+    Parameters
+    ----------
+    image : array_like, 2-D
+        Image, background not subtracted.
+    stars : astropy.table.Table
+        Its catalogue from :func:`find_stars`.
+    size : int, optional
+        Odd side of the returned PSF (default 6 x FWHM, clipped to [15, 63]).
+    saturation, mask, background, rms : optional
+        As in :func:`estimate_psf`.
+    snr_min : float, optional
+        Minimum aperture S/N of a star used.
+    max_stars : int, optional
+        At most this many (the brightest) stars are used.
+
+    Returns
+    -------
+    psf : ndarray
+        Odd square, unit sum, centred.
+    info : dict
+        ``n_stars``, ``fwhm``, ``beta``, ``size``.
+
+    Raises
+    ------
+    ProcessingError
+        No usable star or the fit does not converge to a plausible profile.
+    """
+    _check_catalog(stars, "stars", ("x", "y", "flux", "snr", "fwhm", "flag", "isolated",
+                                    "saturated", "star_like"))
+    prep = _prepare(image, background=background, rms=rms, saturation=saturation, mask=mask,
+                    mask_sources=True, threshold=10.0)
+    sub, bad = prep.sub, prep.bad
+    ny, nx = sub.shape
+    x = np.asarray(stars["x"], np.float64)
+    y = np.asarray(stars["y"], np.float64)
+    fw = np.asarray(stars["fwhm"], np.float64)
+    snr = np.asarray(stars["snr"], np.float64)
+    good = (np.asarray(stars["star_like"], bool) & np.asarray(stars["isolated"], bool)
+            & ~np.asarray(stars["saturated"], bool)
+            & ((np.asarray(stars["flag"]) & _BAD_FLAGS) == 0) & (snr >= snr_min)
+            & np.isfinite(x) & np.isfinite(y) & np.isfinite(fw) & (fw > 0))
+    if not good.any():
+        raise ProcessingError("no bright, isolated, unsaturated star to fit a PSF model to")
+    f0 = float(np.median(fw[good]))
+    h = int(np.clip(np.ceil(2.5 * f0), 4, 30))
+    cx, cy = np.rint(x).astype(np.intp), np.rint(y).astype(np.intp)
+    good &= (cx - h >= 0) & (cx + h < nx) & (cy - h >= 0) & (cy + h < ny)
+    idx = [i for i in np.nonzero(good)[0][np.argsort(-snr[good])]
+           if not bad[cy[i] - h:cy[i] + h + 1, cx[i] - h:cx[i] + h + 1].any()][:max_stars]
+    if not idx:
+        raise ProcessingError("no bright, isolated, unsaturated star with a clean stamp to fit "
+                              "a PSF model to")
+    n = 2 * h + 1
+    stamps = [sub[cy[i] - h:cy[i] + h + 1, cx[i] - h:cx[i] + h + 1].astype(np.float64)
+              for i in idx]
+    scale = [max(float(s.max()), 1e-30) for s in stamps]
+    offs = [(x[i] - cx[i], y[i] - cy[i]) for i in idx]
+
+    def resid(par):
+        fwhm, lbeta = par[0], par[1]
+        beta = float(np.exp(lbeta))
+        out = []
+        for st, sc, (dx, dy) in zip(stamps, scale, offs):
+            m = moffat_image(fwhm, beta, n, dx=dx, dy=dy, oversample=3)
+            design = np.column_stack([m.ravel(), np.ones(m.size)])
+            coef, *_ = np.linalg.lstsq(design, st.ravel(), rcond=None)
+            out.append((st.ravel() - design @ coef) / sc)
+        return np.concatenate(out)
+
+    best = None
+    for b0 in (2.5, 4.0, 8.0):
+        try:
+            res = optimize.least_squares(resid, [f0, np.log(b0)],
+                                         bounds=([0.5, np.log(1.2)], [60.0, np.log(50.0)]))
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+        if best is None or res.cost < best.cost:
+            best = res
+    if best is None or not best.success:
+        raise ProcessingError("the PSF model fit to the stars did not converge; pass a PSF")
+    fwhm, beta = float(best.x[0]), float(np.exp(best.x[1]))
+    if size is None:
+        size = int(np.clip(_odd(6.0 * fwhm), 15, 63))
+    psf = moffat_image(fwhm, beta, size)
+    log.info("PSF model from %d star(s): Moffat FWHM %.2f px, beta %.2f, size %d", len(idx),
+             fwhm, beta, size)
+    return psf, dict(n_stars=len(idx), fwhm=fwhm, beta=beta, size=int(size))
+
+
+# ----------------------------------------------------------------------------------------------
+# PSF photometry
+# ----------------------------------------------------------------------------------------------
+def psf_photometry(image, x, y, psf, *, rms, gain=None, mask=None, annulus=(1.0, 6.0)
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PSF-fit fluxes at known positions, with a local annulus background.
+
+    For each source the unit-sum ``psf`` is moved to the source's sub-pixel
+    position (cubic spline) and its amplitude fitted by least squares,
+    ``flux = sum P (I - B) / sum P^2`` over the PSF stamp, where ``B`` is the
+    sigma-clipped median of an annulus just outside the stamp. This is the
+    flux ZOGY's model assigns to the source (``N = F_n T (x) P_n`` with the
+    same unit-sum PSF), so a ratio of such fluxes measured with each image's
+    own PSF is the flux ratio ZOGY needs, whatever part of the light the PSF
+    model misses; and it weights the core, so it is far less sensitive than a
+    wide aperture to neighbours and to background errors.
+
+    Parameters
+    ----------
+    image : array_like, 2-D
+        Image, background included or not (the annulus removes it).
+    x, y : array_like
+        Positions (0-based pixels, ``x`` = column).
+    psf : array_like, 2-D
+        Odd-sided PSF centred on its middle pixel (normalised here).
+    rms : float or ndarray
+        Background noise (scalar or map of the image shape).
+    gain : float, optional
+        Electrons per image unit; adds the source's Poisson noise to the errors.
+    mask : ndarray of bool, optional
+        Bad pixels; a source with one in its stamp gets ``ok = False``.
+    annulus : (float, float), optional
+        Inner and outer radius of the background annulus in pixels beyond
+        the stamp's half-side.
+
+    Returns
+    -------
+    flux, flux_err : ndarray
+        PSF fluxes and their 1-sigma errors (NaN where not measured).
+    ok : ndarray of bool
+        The whole stamp and annulus lie inside the image, free of masked pixels.
+
+    Raises
+    ------
+    InputError
+        Invalid image, PSF, ``rms`` or mask.
+    """
+    data = _as_image(image).astype(np.float64, copy=False)
+    p = np.asarray(psf, np.float64)
+    if p.ndim != 2 or p.shape[0] != p.shape[1] or p.shape[0] % 2 == 0 or not p.sum() > 0:
+        raise InputError(f"psf must be a square odd-sided 2-D array with a positive sum "
+                         f"(got shape {p.shape})")
+    p = p / p.sum()
+    rms = _as_plane(rms, data.shape, "rms", positive=True)
+    bad = _as_mask(mask, data.shape)
+    if bad is None:
+        bad = ~np.isfinite(data)
+    else:
+        bad = bad | ~np.isfinite(data)
+    x = np.atleast_1d(np.asarray(x, np.float64))
+    y = np.atleast_1d(np.asarray(y, np.float64))
+    n = len(x)
+    flux = np.full(n, np.nan)
+    err = np.full(n, np.nan)
+    ok = np.zeros(n, bool)
+    h = p.shape[0] // 2
+    r_in, r_out = h + annulus[0], h + annulus[1]
+    big = int(np.ceil(r_out)) + 1
+    ny, nx = data.shape
+    yy, xx = np.indices((2 * big + 1, 2 * big + 1)) - big
+    inner = slice(big - h, big + h + 1)
+    from scipy import ndimage
+
+    for i in range(n):
+        if not (np.isfinite(x[i]) and np.isfinite(y[i])):
+            continue
+        ix, iy = int(np.rint(x[i])), int(np.rint(y[i]))
+        if iy - big < 0 or ix - big < 0 or iy + big >= ny or ix + big >= nx:
+            continue
+        sl = (slice(iy - big, iy + big + 1), slice(ix - big, ix + big + 1))
+        if bad[sl][inner, inner].any():
+            continue
+        cut = data[sl]
+        dx, dy = x[i] - ix, y[i] - iy
+        r = np.hypot(xx - dx, yy - dy)
+        ring = (r >= r_in) & (r <= r_out) & ~bad[sl]
+        if ring.sum() < 20:
+            continue
+        vals = sigma_clip(cut[ring], sigma=3.0, maxiters=5, cenfunc="median",
+                          stdfunc="mad_std").compressed()
+        if vals.size < 10:
+            continue
+        b = float(np.median(vals))
+        b_var = (1.2533 * float(mad_std(vals))) ** 2 / vals.size
+        ps = ndimage.shift(p, (dy, dx), order=3, mode="constant", cval=0.0)
+        ps /= ps.sum()
+        stamp = cut[inner, inner] - b
+        p2 = float(np.sum(ps * ps))
+        a = float(np.sum(ps * stamp)) / p2
+        v = rms[sl][inner, inner] ** 2 if np.ndim(rms) == 2 else float(rms) ** 2
+        if gain is not None:
+            v = v + np.clip(a * ps, 0.0, None) / float(gain)
+        flux[i] = a
+        err[i] = np.sqrt(float(np.sum(ps * ps * v)) / (p2 * p2)
+                         + b_var * (float(ps.sum()) / p2) ** 2)
+        ok[i] = True
+    return flux, err, ok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -911,17 +1150,18 @@ def _matched_for(new_cat, ref_cat, radius, snr_min, isolated_only, min_stars, le
 
 
 def fit_flux_ratio(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5, clip=3.0,
-                   isolated_only=True, aperture_correction=True,
-                   max_iter=20) -> tuple[float, float, int]:
+                   isolated_only=True, aperture_correction=True, max_iter=20,
+                   columns=("flux", "flux_err")) -> tuple[float, float, int]:
     """Flux ratio ``F_n / F_r`` from matched stars, with outlier rejection.
 
     Uses matched pairs that are unsaturated, cleanly measured, (optionally)
     isolated, and have ``S/N >= snr_min`` in both catalogues. The estimate is
     an inverse-variance weighted mean of ``flux_new / flux_ref`` whose weights
     combine each star's photometric error with an intrinsic scatter term
-    (fitted so that the reduced chi^2 is 1); stars more than ``clip`` robust
-    standard deviations away are rejected and the fit repeated until the set of
-    stars no longer changes.
+    (fitted so that the reduced chi^2 is 1). Stars more than ``clip`` robust
+    standard deviations from the median ratio are rejected first; then stars
+    more than ``clip`` robust standard deviations from the weighted mean are
+    rejected and the fit repeated until the set of stars no longer changes.
 
     Aperture fluxes miss different fractions of the light when the two PSFs
     differ; with ``aperture_correction=True`` the ratio is multiplied by
@@ -951,6 +1191,10 @@ def fit_flux_ratio(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5, c
         catalogues carry a finite value (otherwise a warning is logged).
     max_iter : int, optional
         Maximum number of rejection iterations.
+    columns : (str, str), optional
+        Flux and flux-error columns to fit (e.g. PSF fluxes from
+        :func:`psf_photometry`; pass ``aperture_correction=False`` with those).
+        The S/N selection always uses ``flux``/``flux_err``.
 
     Returns
     -------
@@ -970,15 +1214,32 @@ def fit_flux_ratio(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5, c
     """
     ia, ib = _matched_for(new_cat, ref_cat, radius, snr_min, isolated_only, min_stars, 1,
                           "the flux ratio", ", or pass the ratio")
-    fn = np.asarray(new_cat["flux"], np.float64)[ia]
-    fr = np.asarray(ref_cat["flux"], np.float64)[ib]
-    en = np.asarray(new_cat["flux_err"], np.float64)[ia]
-    er = np.asarray(ref_cat["flux_err"], np.float64)[ib]
+    fcol, ecol = columns
+    if (fcol, ecol) != ("flux", "flux_err"):
+        for name, cat in (("new_cat", new_cat), ("ref_cat", ref_cat)):
+            _check_catalog(cat, name, (fcol, ecol))
+    fn = np.asarray(new_cat[fcol], np.float64)[ia]
+    fr = np.asarray(ref_cat[fcol], np.float64)[ib]
+    en = np.asarray(new_cat[ecol], np.float64)[ia]
+    er = np.asarray(ref_cat[ecol], np.float64)[ib]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        good = (np.isfinite(fn) & np.isfinite(fr) & np.isfinite(en) & np.isfinite(er)
+                & (fn > 0) & (fr > 0) & (en > 0) & (er > 0))
+    if good.sum() < min_stars:
+        raise ProcessingError(f"only {int(good.sum())} matched stars with valid {fcol} for "
+                              f"the flux ratio (min_stars={min_stars}); pass the ratio")
+    fn, fr, en, er = fn[good], fr[good], en[good], er[good]
     r = fn / fr
     e2 = r * r * ((en / fn) ** 2 + (er / fr) ** 2)
 
-    keep = np.ones(len(r), bool)
+    # robust start: reject outliers about the median first (galaxies, variables and
+    # blends among the brightest, best-weighted stars would otherwise pull the
+    # weighted mean and inflate the intrinsic scatter enough to survive the clip)
     ratio = float(np.median(r))
+    z0 = (r - ratio) / np.sqrt(e2)
+    keep = np.abs(z0) <= clip * max(1.0, float(mad_std(z0)))
+    if keep.sum() < min_stars:
+        keep = np.ones(len(r), bool)
     s2 = 0.0
     for _ in range(max_iter):
         rk, ek = r[keep], e2[keep]
@@ -1096,6 +1357,51 @@ def astrometric_sigma(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5
     ProcessingError
         Fewer than ``min_stars`` usable matched stars.
     """
+    fit = _offset_fit(new_cat, ref_cat, radius=radius, snr_min=snr_min, min_stars=min_stars,
+                      clip=clip, isolated_only=isolated_only, max_iter=max_iter)
+    return fit["sx"], fit["sy"], fit["n"]
+
+
+def registration_offset(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5, clip=4.0,
+                        isolated_only=True, max_iter=20) -> tuple[float, float, float, float, int]:
+    """Mean sub-pixel offset ``new - ref`` of matched stars and its uncertainty.
+
+    The same maximum-likelihood fit as :func:`astrometric_sigma`: per axis the
+    offsets are ``N(mu, sigma^2 + e_i^2)``; this returns ``mu`` (the residual
+    registration shift of the two images) and its standard error
+    ``1 / sqrt(sum 1 / (sigma^2 + e_i^2))``.
+
+    Parameters
+    ----------
+    new_cat, ref_cat : astropy.table.Table
+        Catalogues of the new and reference images (from :func:`find_stars`).
+    radius, snr_min, min_stars, clip, isolated_only, max_iter
+        As in :func:`astrometric_sigma`.
+
+    Returns
+    -------
+    dx, dy : float
+        Mean offset ``x_new - x_ref``, ``y_new - y_ref`` in pixels.
+    dx_err, dy_err : float
+        Their 1-sigma errors.
+    n_used : int
+        Number of stars in the final fit.
+
+    Raises
+    ------
+    InputError
+        A catalogue lacks required columns or an option is invalid.
+    ProcessingError
+        Fewer than ``min_stars`` usable matched stars.
+    """
+    fit = _offset_fit(new_cat, ref_cat, radius=radius, snr_min=snr_min, min_stars=min_stars,
+                      clip=clip, isolated_only=isolated_only, max_iter=max_iter)
+    return fit["mx"], fit["my"], fit["ex"], fit["ey"], fit["n"]
+
+
+def _offset_fit(new_cat, ref_cat, *, radius, snr_min, min_stars, clip, isolated_only,
+                max_iter) -> dict:
+    """ML mean and extra scatter of matched stars' offsets per axis (see astrometric_sigma)."""
     ia, ib = _matched_for(new_cat, ref_cat, radius, snr_min, isolated_only, min_stars, 2,
                           "the astrometric noise", "")
     dx = np.asarray(new_cat["x"], np.float64)[ia] - np.asarray(ref_cat["x"], np.float64)[ib]
@@ -1145,6 +1451,10 @@ def astrometric_sigma(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5
             break
         keep = new_keep
     n_used = int(keep.sum())
-    log.info("astrometric sigma (x, y) = (%.4f, %.4f) px from %d stars (mean offset %.4f, "
-             "%.4f)", sx, sy, n_used, mx, my)
-    return float(sx), float(sy), n_used
+    with np.errstate(divide="ignore"):
+        emx = float(1.0 / np.sqrt(np.sum(1.0 / (ex2[keep] + sx * sx))))
+        emy = float(1.0 / np.sqrt(np.sum(1.0 / (ey2[keep] + sy * sy))))
+    log.info("astrometric sigma (x, y) = (%.4f, %.4f) px from %d stars (mean offset %.4f "
+             "+- %.4f, %.4f +- %.4f)", sx, sy, n_used, mx, emx, my, emy)
+    return dict(mx=float(mx), my=float(my), sx=float(sx), sy=float(sy), ex=emx, ey=emy,
+                n=n_used)
