@@ -308,6 +308,11 @@ def test_registration_offset_folded_into_the_psf():
     off = list(stream(sc.new, sc.ref, registration=False, **kw))[0]
     n_on, n_off = len(on.candidates), len(off.candidates)
     assert n_off >= 10 and n_on <= 2, (n_on, n_off)
+    from zogy_stream.pipeline import _make_inputs, output_header, plan_run
+
+    for reg, want in ((True, (0.3, -0.2)), (False, (0.0, 0.0))):  # recorded in the header
+        h = output_header(plan_run(*_make_inputs(sc.new, sc.ref, dict(kw, registration=reg))))
+        assert abs(h["REGDX"] - want[0]) < 0.02 and abs(h["REGDY"] - want[1]) < 0.02
 
 
 

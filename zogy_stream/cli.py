@@ -120,9 +120,10 @@ def subtraction_parent() -> argparse.ArgumentParser:
                    help="gain of NEW in e-/ADU for the Poisson variance (default: GAIN keyword)")
     g.add_argument("--ref-gain", metavar="G", type=_positive_float, help="gain of REF (default: GAIN keyword)")
     g.add_argument("--new-saturation", metavar="ADU", type=_positive_float,
-                   help="saturation level of NEW (default: SATURATE keyword)")
+                   help="saturation level of NEW (default: the --saturate-key keyword, else "
+                        "detected from a pile-up at the data maximum)")
     g.add_argument("--ref-saturation", metavar="ADU", type=_positive_float,
-                   help="saturation level of REF (default: SATURATE keyword)")
+                   help="saturation level of REF (default: as for NEW)")
     g = p.add_argument_group("ZOGY")
     g.add_argument("--flux-ratio", metavar="F|auto|local", type=_flux_ratio, default="auto",
                    help="F_n/F_r, the new image's flux scale relative to REF: a number, auto "

@@ -856,6 +856,8 @@ def output_header(plan: RunPlan) -> fits.Header:
         ("ASTSIGX", plan.astrometric_sigma[0], "[pix] astrometric sigma x"),
         ("ASTSIGY", plan.astrometric_sigma[1], "[pix] astrometric sigma y"),
         ("ASTSRC", plan.astrometric_src, "astrometric sigma: user, auto, default"),
+        ("REGDX", float(plan.psf_sources[0].shift[0]), "[pix] registration shift applied to NEW PSF"),
+        ("REGDY", float(plan.psf_sources[0].shift[1]), "[pix] registration shift applied to NEW PSF"),
         ("COSMNEW", plan.cosmics[0], "cosmic rays detected and masked in new"),
         ("COSMREF", plan.cosmics[1], "cosmic rays detected and masked in ref"),
         ("NOISCORR", o.noise_correction, "per-tile S_corr noise correction enabled"),
