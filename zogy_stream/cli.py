@@ -273,6 +273,21 @@ def _configure_logging(args) -> None:
     root.propagate = False
 
 
+def _one_malloc_arena() -> None:
+    """One glibc malloc arena for all threads of this process (no-op elsewhere).
+
+    The reader, engine and writer threads allocate and free tile-sized arrays;
+    with an arena each, every arena keeps its own free holes (measured at
+    8192²: 0.3 s more page faults, or ~50 MB more resident memory).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv=None) -> int:
     """Entry point of the ``zogy-stream`` console script; returns the exit status."""
     parser = build_parser()
@@ -286,6 +301,7 @@ def main(argv=None) -> int:
         # made out of the collector's sight, so full collections triggered by per-tile
         # allocations stop re-scanning them (measured: ~4% of a run's CPU otherwise).
         gc.freeze()
+        _one_malloc_arena()
     prog = f"zogy-stream {args.command}"
     try:
         return int(args.func(args) or 0)

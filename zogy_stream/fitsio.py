@@ -233,6 +233,29 @@ class ImageReader:
             out[raw == self._blank] = np.nan
         return out
 
+    def settle_rows(self, y0: int, y1: int) -> None:
+        """Rows ``y0:y1`` of every streamed plane are final: write them to disk and
+        drop them from the page cache.
+
+        Without this a mosaic's whole output sits dirty in the page cache until
+        the kernel writes it back; on a VM every new page-cache page costs a
+        first touch of guest memory (measured writing 5.3 GB: 5.5 s of system
+        time, 1.5 s when each band is written back and dropped as it completes,
+        so its pages are reused by the next band).  The data are on disk when
+        this returns; the file is still only complete after :meth:`commit`.
+        """
+        fd = self._mm_fd
+        if fd is None:
+            return
+        os.fdatasync(fd)
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for plane in self.planes:
+            if plane.data is None:
+                row = np.dtype(plane.dtype).itemsize * plane.shape[1]
+                at = self._offsets[plane.name] + y0 * row
+                os.posix_fadvise(fd, at, (y1 - y0) * row, os.POSIX_FADV_DONTNEED)
+
     def release(self, box: Box) -> None:
         """Drop the mapped pages of rows ``box.y0:box.y1`` from this process."""
         if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
@@ -394,6 +417,7 @@ class OutputFile:
         self.primary_header = primary_header
         self._views: dict[str, np.ndarray] = {}
         self._mm = None
+        self._mm_fd: int | None = None
         try:
             self._create()
         except BaseException:
@@ -409,6 +433,7 @@ class OutputFile:
         :meth:`write`, :meth:`release` and :meth:`close` are meaningful here.
         """
         self = cls.__new__(cls)
+        self._mm_fd = None
         self.path = None
         self.tmp = Path(tmp)
         self.planes = list(planes)
@@ -417,6 +442,7 @@ class OutputFile:
         total, _, offsets = self._layout()
         with open(self.tmp, "r+b") as fh:
             self._mm = mmap.mmap(fh.fileno(), total, access=mmap.ACCESS_WRITE)
+        self._mm_fd = os.open(self.tmp, os.O_RDWR)
         self._map_views(offsets)
         return self
 
@@ -458,6 +484,7 @@ class OutputFile:
                     fh.seek(at)
                     fh.write(blob)
                 self._mm = mmap.mmap(fh.fileno(), total, access=mmap.ACCESS_WRITE)
+            self._mm_fd = os.open(self.tmp, os.O_RDWR)
         except OSError as exc:
             raise InputError(f"output '{self.path}': cannot write ({exc.strerror})") from None
         self._map_views(offsets)
@@ -470,6 +497,11 @@ class OutputFile:
             self._views[plane.name] = np.frombuffer(
                 self._mm, dtype=be, count=n, offset=offsets[plane.name]).reshape(plane.shape)
 
+    def _close_fd(self) -> None:
+        if self._mm_fd is not None:
+            fd, self._mm_fd = self._mm_fd, None
+            os.close(fd)
+
     def close(self) -> None:
         """Unmap without renaming or deleting (for :meth:`attach`-ed files)."""
         self._views.clear()
@@ -477,6 +509,7 @@ class OutputFile:
             self._mm.flush()
             self._mm.close()
             self._mm = None
+        self._close_fd()
 
     def write(self, name: str, box: Box, data: np.ndarray) -> None:
         """Write ``data`` into plane ``name`` at ``box`` (byte-swapped on the fly).
@@ -491,6 +524,29 @@ class OutputFile:
             view[y:y1, box.x0:box.x1] = data[y - box.y0:y1 - box.y0]
             if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
                 release_rows(self._mm, self._offsets[name], view.strides[0], y, y1)
+
+    def settle_rows(self, y0: int, y1: int) -> None:
+        """Rows ``y0:y1`` of every streamed plane are final: write them to disk and
+        drop them from the page cache.
+
+        Without this a mosaic's whole output sits dirty in the page cache until
+        the kernel writes it back; on a VM every new page-cache page costs a
+        first touch of guest memory (measured writing 5.3 GB: 5.5 s of system
+        time, 1.5 s when each band is written back and dropped as it completes,
+        so its pages are reused by the next band).  The data are on disk when
+        this returns; the file is still only complete after :meth:`commit`.
+        """
+        fd = self._mm_fd
+        if fd is None:
+            return
+        os.fdatasync(fd)
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for plane in self.planes:
+            if plane.data is None:
+                row = np.dtype(plane.dtype).itemsize * plane.shape[1]
+                at = self._offsets[plane.name] + y0 * row
+                os.posix_fadvise(fd, at, (y1 - y0) * row, os.POSIX_FADV_DONTNEED)
 
     def release(self, box: Box) -> None:
         """Drop the mapped pages of rows ``box.y0:box.y1`` (data stays in the page cache)."""
@@ -509,9 +565,9 @@ class OutputFile:
                 self._mm.flush()
             self._mm.close()
             self._mm = None
-        if durable:
-            with open(self.tmp, "rb") as fh:
-                os.fsync(fh.fileno())
+        if durable and self._mm_fd is not None:
+            os.fsync(self._mm_fd)
+        self._close_fd()
         os.replace(self.tmp, self.path)
         return self.path
 
@@ -524,6 +580,10 @@ class OutputFile:
             except BufferError:
                 pass
             self._mm = None
+        try:
+            self._close_fd()
+        except OSError:
+            pass
         try:
             os.unlink(self.tmp)
         except FileNotFoundError:
