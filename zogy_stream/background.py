@@ -238,6 +238,20 @@ class MeshBackground:
             self._bkg[i, j] = mean if self.subtract else 0.0
             self._rms[i, j] = sig
 
+    def warm(self, y_limit: int) -> bool:
+        """Compute the first missing cell row that starts above image row ``y_limit``.
+
+        Called once per tile, this spreads the cells the next row of tiles will
+        need over the tiles of the current one, instead of computing them all
+        when the first tile of the next row is read.  Returns whether a row
+        was computed.
+        """
+        for i in range(min(self.n_cells[0], -(-int(y_limit) // self.cell))):
+            if np.isnan(self._rms[i, 0]):
+                self._compute_row(i)
+                return True
+        return False
+
     def mesh(self, box: Box) -> tuple[np.ndarray, int, int, float]:
         """Cell values needed to interpolate over ``box`` (image pixels).
 

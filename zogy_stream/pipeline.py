@@ -404,6 +404,8 @@ class TileEngine:
                 v = v[np.isfinite(v) & (v > 0)]
                 sigma = math.sqrt(float(np.median(v))) if v.size else sigma
             stats.append((rows, xi, xw, sigma, float(values.mean())))
+        for mesh in (self.mesh_new, self.mesh_ref):  # a share of the next tile row's cells
+            mesh.warm(tile.window.y1 + p.grid.core_shape[0] + mesh.cell)
         self.timings["read+stats"] += time.perf_counter() - t0
         return _Loaded(tile, win, tuple(stats), extra)
 
