@@ -43,7 +43,7 @@ SCENE_FILES = ("new", "ref", "new_var", "ref_var", "new_psf", "ref_psf", "truth"
 SCENE_DONE = ".complete"
 SUMMARY_RE = re.compile(r"^(?P<out>.+): (?P<nx>\d+)x(?P<ny>\d+), (?P<tiles>\d+) tiles, "
                         r"(?P<cands>\d+) candidates.*, (?P<secs>[0-9.]+) s \(")
-STAGE_RE = re.compile(r"^\s+(?P<stage>\S+)\s+(?P<secs>[0-9.]+) s\s*$")
+STAGE_RE = re.compile(r"^\s+(?P<stage>\S.*?)\s+(?P<secs>[0-9.]+) s\s*$")  # names may hold spaces
 BUSY_LOAD = 0.25  # other processes' average cores above which a measurement is flagged
 
 
