@@ -293,3 +293,30 @@ def test_pipeline_keeps_sources_on_their_pixel(psf_size):
     found = {(int(r["y_peak"]), int(r["x_peak"])) for r in cands if r["scorr"] > 0}
     assert {(64, 64), (127, 128), (128, 200)} <= found
     assert len(cands) == 3
+
+
+def test_source_cut_by_the_border_gives_no_candidate(monkeypatch):
+    """A bright star centred on the image border: the border truncates it, so its
+    convolutions cannot cancel and, unmasked, it leaves a > 20 sigma residual."""
+    import zogy_stream.pipeline as pl
+    from conftest import gaussian
+
+    n = 256
+    y, x = np.indices((n, n))
+
+    def image(fwhm, seed):
+        s = fwhm / 2.3548
+        star = 3e5 / (2 * np.pi * s * s) * np.exp(-(x ** 2 + (y - 128) ** 2) / (2 * s * s))
+        return (np.random.default_rng(seed).normal(0, 10, (n, n)) + star).astype(np.float32)
+
+    new, ref = image(4.0, 1), image(3.0, 2)
+    kw = dict(new_psf=gaussian(4.0, 25), ref_psf=gaussian(3.0, 25), flux_ratio=1.0,
+              wisdom=False, tile=256, cosmic_rays="off",
+              new_var=(100.0 + np.clip(new, 0, None)).astype(np.float32),
+              ref_var=(100.0 + np.clip(ref, 0, None)).astype(np.float32))
+    res = list(stream(new, ref, **kw))[0]
+    assert len(res.candidates) == 0
+    assert res.mask[128, 5] & MaskBit.NEAR  # the residual's neighbourhood is masked
+    monkeypatch.setattr(pl, "_cut_sources", lambda *a, **k: None)
+    bare = list(stream(new, ref, **kw))[0].candidates
+    assert len(bare) >= 1 and np.max(np.abs(bare["scorr"])) > 10  # what it guards against

@@ -587,6 +587,7 @@ class TileEngine:
         nk._grow_mask(self._mask, p.grow_radius, self._tmp, self._grown)
         nk._edge_bits(self._grown, tile.window.y0, tile.window.x0, p.shape[0], p.shape[1],
                       p.kernel_radius)
+        _cut_sources(self.sub.inputs, self._grown, tile, p.shape, (sig_n, sig_r), p.grow_radius)
         t2 = time.perf_counter()
         tim["prepare"] += t2 - t1
         b = p.peak_radius
@@ -651,6 +652,44 @@ class TileEngine:
         cands.meta["tile_stats"] = _Carried({"index": tile.index, **res.stats})
         self.timings["candidates"] += time.perf_counter() - t3  # noise factor, peaks, flags
         return res
+
+
+_CUT_NSIGMA = 10.0  # a border pixel this far above the sky is a source cut by the border
+
+
+def _cut_sources(inputs, grown, tile, shape, sigmas, radius) -> None:
+    """Mark NEAR (no candidates) within ``radius`` of bright sources cut by the image border.
+
+    Convolving a source that the border truncates cannot cancel between the two
+    images (the kernels see a hard edge where the source's light stops), so a
+    bright star on the border leaves residuals of high significance out to the
+    kernel radius.  A border pixel more than ``_CUT_NSIGMA`` sigma above the
+    sky in either background-subtracted image marks such a source.  Only the
+    image's own border rows/columns are tested, so the result does not depend
+    on the tiling.
+    """
+    v, w = tile.valid, tile.window
+    ny, nx = shape
+    lines = []  # (rows, cols) of the image border inside this tile's valid area, window coords
+    if v.y0 == 0:
+        lines.append((slice(v.y0 - w.y0, v.y0 - w.y0 + 1), slice(v.x0 - w.x0, v.x1 - w.x0)))
+    if v.y1 == ny:
+        lines.append((slice(v.y1 - 1 - w.y0, v.y1 - w.y0), slice(v.x0 - w.x0, v.x1 - w.x0)))
+    if v.x0 == 0:
+        lines.append((slice(v.y0 - w.y0, v.y1 - w.y0), slice(v.x0 - w.x0, v.x0 - w.x0 + 1)))
+    if v.x1 == nx:
+        lines.append((slice(v.y0 - w.y0, v.y1 - w.y0), slice(v.x1 - 1 - w.x0, v.x1 - w.x0)))
+    near = np.uint8(MaskBit.NEAR)
+    ly, lx = grown.shape
+    for sl in lines:
+        hot = np.zeros(inputs[0][sl].shape, bool)
+        for k in (0, 1):
+            hot |= (inputs[k][sl] > _CUT_NSIGMA * sigmas[k]) & (grown[sl] & int(MaskBit.OUTSIDE) == 0)
+        for yy, xx in zip(*np.nonzero(hot)):
+            y, x = sl[0].start + yy, sl[1].start + xx
+            g = grown[max(0, y - radius):min(ly, y + radius + 1),
+                      max(0, x - radius):min(lx, x + radius + 1)]
+            g |= near
 
 
 _BLANK_STEP = 3  # S_corr is correlated on the PSF scale: every 3rd pixel nearly suffices
