@@ -369,3 +369,23 @@ def test_output_mode_follows_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(plain.stat().st_mode) == 0o644
     assert stat.S_IMODE(final.stat().st_mode) == 0o644
+
+
+def test_output_settled_rows_keep_their_data(tmp_path):
+    """Rows written back and dropped from the page cache mid-run read back intact."""
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(64, 48)).astype(np.float32)
+    m = rng.integers(0, 255, (64, 48)).astype(np.uint8)
+    final = tmp_path / "out.fits"
+    of = OutputFile(final, [Plane("A", np.float32, (64, 48)), Plane("M", np.uint8, (64, 48))])
+    for y0 in range(0, 64, 16):
+        for x0 in (0, 24):
+            box = Box(y0, y0 + 16, x0, x0 + 24)
+            of.write("A", box, a[box.slices])
+            of.write("M", box, m[box.slices])
+        of.settle_rows(y0, y0 + 16)
+    of.commit()
+    with fits.open(final) as hl:
+        np.testing.assert_array_equal(hl["A"].data, a)
+        np.testing.assert_array_equal(hl["M"].data, m)
+        assert hl["M"].header["BITPIX"] == 8

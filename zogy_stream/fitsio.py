@@ -247,7 +247,7 @@ class ImageReader:
         fd = self._mm_fd
         if fd is None:
             return
-        os.fdatasync(fd)
+        getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
         if not hasattr(os, "posix_fadvise"):
             return
         for plane in self.planes:
@@ -539,7 +539,7 @@ class OutputFile:
         fd = self._mm_fd
         if fd is None:
             return
-        os.fdatasync(fd)
+        getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
         if not hasattr(os, "posix_fadvise"):
             return
         for plane in self.planes:
