@@ -86,7 +86,7 @@ def _run_band(plan, tmp, planes, primary_header, tiles):
     parts = []
     try:
         for res in _iter_tiles(engine, iter(tiles)):
-            _write_tile(out, res, engine.timings, plan.shape[1])
+            _write_tile(out, res, engine.timings, plan.shape[1] if plan.opts.settle else None)
             parts.append(res.candidates)
     finally:
         out.close()

@@ -66,6 +66,11 @@ class Options:
         Seed of the noise that fills masked and off-image pixels.
     durable : bool
         fsync outputs before renaming them into place.
+    settle : bool
+        Write each finished band of tile rows of the output back to disk and
+        drop it from the page cache as the run goes (default), so the output
+        never piles up in memory; False leaves write-back to the kernel
+        (faster on a slow disk with memory to spare).
     gain : float or None
         Gain of both images (overridden by ``new_gain``/``ref_gain``; default
         the ``gain_key`` header keyword).
@@ -108,6 +113,7 @@ class Options:
     prefetch: int = 1
     seed: int = 0
     durable: bool = False
+    settle: bool = True
     gain: float | None = None
     gain_key: str = "GAIN"
     saturate_key: str = "SATURATE"
@@ -202,7 +208,7 @@ class Options:
             new_gain=None if o.new_gain is None else float(o.new_gain),
             ref_gain=None if o.ref_gain is None else float(o.ref_gain),
             fft_effort=_EFFORTS[effort], prefetch=int(o.prefetch), seed=int(o.seed),
-            durable=bool(o.durable),
+            durable=bool(o.durable), settle=bool(o.settle),
             gain=None if o.gain is None else float(o.gain),
             gain_key=str(o.gain_key).upper(), saturate_key=str(o.saturate_key).upper(),
             psf_size=None if o.psf_size is None else int(o.psf_size),

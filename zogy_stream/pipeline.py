@@ -1171,7 +1171,7 @@ def _run_local(engine: TileEngine, outfile: OutputFile, stop, bar) -> tuple[list
                 pending.result()
                 engine.timings["wait write"] += time.perf_counter() - t0
             pending = writer.submit(_write_tile, outfile, res, engine.timings,
-                                    engine.plan.shape[1])
+                                    engine.plan.shape[1] if engine.plan.opts.settle else None)
             parts.append(res.candidates)
             if bar is not None:
                 bar.update(1)
