@@ -233,29 +233,6 @@ class ImageReader:
             out[raw == self._blank] = np.nan
         return out
 
-    def settle_rows(self, y0: int, y1: int) -> None:
-        """Rows ``y0:y1`` of every streamed plane are final: write them to disk and
-        drop them from the page cache.
-
-        Without this a mosaic's whole output sits dirty in the page cache until
-        the kernel writes it back; on a VM every new page-cache page costs a
-        first touch of guest memory (measured writing 5.3 GB: 5.5 s of system
-        time, 1.5 s when each band is written back and dropped as it completes,
-        so its pages are reused by the next band).  The data are on disk when
-        this returns; the file is still only complete after :meth:`commit`.
-        """
-        fd = self._mm_fd
-        if fd is None:
-            return
-        getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
-        if not hasattr(os, "posix_fadvise"):
-            return
-        for plane in self.planes:
-            if plane.data is None:
-                row = np.dtype(plane.dtype).itemsize * plane.shape[1]
-                at = self._offsets[plane.name] + y0 * row
-                os.posix_fadvise(fd, at, (y1 - y0) * row, os.POSIX_FADV_DONTNEED)
-
     def release(self, box: Box) -> None:
         """Drop the mapped pages of rows ``box.y0:box.y1`` from this process."""
         if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
@@ -430,7 +407,7 @@ class OutputFile:
 
         ``tmp`` is the :attr:`tmp` path of the creating :class:`OutputFile`;
         the layout is recomputed from the same planes and header.  Only
-        :meth:`write`, :meth:`release` and :meth:`close` are meaningful here.
+        :meth:`write`, :meth:`settle_rows` and :meth:`close` are meaningful here.
         """
         self = cls.__new__(cls)
         self._mm_fd = None
@@ -547,15 +524,6 @@ class OutputFile:
                 row = np.dtype(plane.dtype).itemsize * plane.shape[1]
                 at = self._offsets[plane.name] + y0 * row
                 os.posix_fadvise(fd, at, (y1 - y0) * row, os.POSIX_FADV_DONTNEED)
-
-    def release(self, box: Box) -> None:
-        """Drop the mapped pages of rows ``box.y0:box.y1`` (data stays in the page cache)."""
-        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        for plane in self.planes:
-            if plane.data is None:
-                v = self._views[plane.name]
-                release_rows(self._mm, self._offsets[plane.name], v.strides[0], box.y0, box.y1)
 
     def commit(self, *, durable: bool = False) -> Path:
         """Flush and atomically rename to the final path; return it."""

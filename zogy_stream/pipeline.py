@@ -534,20 +534,6 @@ class TileEngine:
         InputError
             A variance map has non-positive values at unmasked pixels.
         """
-        return self.finish(self.compute(loaded))
-
-    def compute(self, loaded: _Loaded) -> dict:
-        """The array work of :meth:`process`: fill, masks, FFTs and scores.
-
-        Uses the engine's buffers, so calls are sequential; the returned
-        state owns its arrays, so :meth:`finish` may run on it in another
-        thread while the next tile is computed.
-
-        Raises
-        ------
-        InputError
-            A variance map has non-positive values at unmasked pixels.
-        """
         p, o, tile = self.plan, self.plan.opts, loaded.tile
         w = loaded.windows
         (rows_n, xi_n, xw_n, sig_n, bkg_n), (rows_r, xi_r, xw_r, sig_r, bkg_r) = loaded.stats
@@ -600,24 +586,9 @@ class TileEngine:
         tim["prepare"] += time.perf_counter() - t2
         out = self.sub.run(ks, region, astrometric_sigma=p.astrometric_sigma, var_const=var_const,
                            timings=tim)  # fft forward, combine, fft inverse, score
-        kept = _Loaded(tile, {k: w[k] for k in ("NEW", "REF")}, (), ex)  # what finish() reads
-        return dict(loaded=kept, out=out, blank=blank, mask_ext=self._grown[region.slices].copy(),
-                    core=(slice(b, b + cw.shape[0]), slice(b, b + cw.shape[1])), psfs=(psf_n, psf_r),
-                    psf_src=psf_src, flux_ratio=(fr, fr_err, fr_src), f=(ks.f_s, ks.f_d),
-                    sky=(bkg_n, bkg_r, sig_n, sig_r))
-
-    def finish(self, c: dict) -> TileResult:
-        """Noise correction, candidates and flags of a :meth:`compute` result
-        (thread-safe: it touches only ``c``)."""
         t3 = time.perf_counter()
-        p, o = self.plan, self.plan.opts
-        loaded, out, blank, mask_ext, core = c["loaded"], c["out"], c["blank"], c["mask_ext"], c["core"]
-        tile, ex, b = loaded.tile, loaded.extra, p.peak_radius
-        psf_n, psf_r = c["psfs"]
-        psf_src = c["psf_src"]
-        fr, fr_err, fr_src = c["flux_ratio"]
-        bkg_n, bkg_r, sig_n, sig_r = c["sky"]
-        f_s, f_d = c["f"]
+        mask_ext = self._grown[region.slices]
+        core = slice(b, b + cw.shape[0]), slice(b, b + cw.shape[1])
         nc = dict(factor=1.0, measured=float("nan"), err=float("nan"), applied=False)
         if blank is not None:
             # S_corr is correlated on the PSF scale: a stride-3 grid measures its
@@ -638,9 +609,9 @@ class TileEngine:
             tile=tile, box=tile.core,
             d=out["d"][core], s=out["s"][core], scorr=out["scorr"][core],
             flux=out["flux"][core], flux_err=out["flux_err"][core],
-            mask=mask_ext[core], candidates=cands,
+            mask=mask_ext[core].copy(), candidates=cands,
             stats=dict(bkg_new=bkg_n, bkg_ref=bkg_r,
-                       sigma_new=sig_n, sigma_ref=sig_r, f_s=f_s, f_d=f_d,
+                       sigma_new=sig_n, sigma_ref=sig_r, f_s=ks.f_s, f_d=ks.f_d,
                        psf_new=psf_src[0], psf_ref=psf_src[1],
                        fwhm_new=psf_fwhm(psf_n), fwhm_ref=psf_fwhm(psf_r),
                        flux_ratio=fr, flux_ratio_err=fr_err, flux_ratio_src=fr_src,
@@ -650,7 +621,7 @@ class TileEngine:
                        n_cosmic_ref=ex.get("n_cosmic_ref", 0)),
         )
         cands.meta["tile_stats"] = _Carried({"index": tile.index, **res.stats})
-        self.timings["candidates"] += time.perf_counter() - t3  # noise factor, peaks, flags
+        tim["candidates"] += time.perf_counter() - t3  # noise factor, peaks, flags
         return res
 
 
@@ -769,8 +740,8 @@ def _wisdom_for(opts: Options) -> Wisdom | None:
 def _iter_tiles(engine: TileEngine, tiles, stop=None) -> Iterator[TileResult]:
     """Process ``tiles`` in order, reading up to ``prefetch`` tiles ahead.
 
-    (Finishing tiles in a thread of their own, beside the next tile's array
-    work, was measured: no faster on 2 cores, and one more tile in memory.)
+    (Making the candidates of a tile in a thread of their own, beside the next
+    tile's FFTs, was measured: no faster on 2 cores, one more tile in memory.)
     """
     ahead = engine.plan.opts.prefetch
     with _numba_threads(engine.plan.opts.threads):
