@@ -75,10 +75,12 @@ def scene(tmp_path_factory):
     a_file = d / "a_regular_file"
     a_file.write_text("not a directory\n")
     bad["a_file"] = a_file
-    # a multi-extension copy of NEW and REF for HDU selection
+    # a multi-extension copy of NEW and REF for HDU selection, with a 1-sigma ERR plane
     for k in ("new", "ref"):
+        err = np.sqrt(fits.getdata(p[f"{k}_var"]).astype(np.float32))
         hdul = fits.HDUList([fits.PrimaryHDU(),
-                             fits.ImageHDU(fits.getdata(p[k]), fits.getheader(p[k]), name="SCI")])
+                             fits.ImageHDU(fits.getdata(p[k]), fits.getheader(p[k]), name="SCI"),
+                             fits.ImageHDU(err, name="ERR")])
         bad[f"{k}_mef.fits"] = d / f"{k}_mef.fits"
         hdul.writeto(bad[f"{k}_mef.fits"])
     # NEW without any WCS
@@ -296,6 +298,22 @@ def test_hdu_selection_on_the_command_line(scene, outdir, capsys):
         assert b["D"].header["CTYPE1"] == a["D"].header["CTYPE1"]
 
 
+def test_error_maps_equal_variance_maps(scene, outdir, capsys):
+    """--new-err/--ref-err (1-sigma, here an ERR extension) give the --*-var products."""
+    bad = scene["bad"]
+    rc, _, err = run(capsys, args(scene, outdir / "a.fits", "--quiet"))
+    assert rc == 0, err
+    rc, _, err = run(capsys, args(scene, outdir / "b.fits", "--quiet", "--new-err",
+                                  f"{bad['new_mef.fits']}[ERR]", "--ref-err",
+                                  f"{bad['ref_mef.fits']}[2]", var=False))
+    assert rc == 0, err
+    with fits.open(outdir / "a.fits") as a, fits.open(outdir / "b.fits") as b:
+        for name in ("D", "SCORR", "FLUX_ERR"):
+            np.testing.assert_allclose(b[name].data, a[name].data, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(b["MASK"].data, a["MASK"].data)
+        assert b[0].header["NEWERR"].endswith("[ERR]") and b[0].header["NEWVAR"] == "none"
+
+
 def test_new_without_wcs(scene, outdir, capsys):
     rc, _, err = run(capsys, args(scene, outdir / "d.fits", "--catalog", outdir / "c.ecsv",
                                   "--quiet", new=scene["bad"]["new_nowcs.fits"]))
@@ -357,6 +375,8 @@ def _bad_cases():
         "psf-missing-new": lambda s, o: args(s, o / "d.fits", psf=False) + [
             "--ref-psf", str(s["ref_psf"])],
         "psf-missing-both": lambda s, o: args(s, o / "d.fits", psf=False),
+        "var-and-err": lambda s, o: args(s, o / "d.fits") + [
+            "--new-err", f"{s['bad']['new_mef.fits']}[ERR]"],
         "var-zero": lambda s, o: args(s, o / "d.fits", var=False) + [
             "--new-var", str(b("var_zero.fits")(s))],
         "var-negative": lambda s, o: args(s, o / "d.fits", var=False) + [

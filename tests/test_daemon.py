@@ -480,6 +480,15 @@ def test_weight_sidecar_becomes_variance_and_mask(runner_env, scene):
     assert seen["mask"][15, 15] == 1 and seen["mask"].sum() == 100
 
 
+def test_err_sidecar_passed_as_error_map(runner_env, scene):
+    env = runner_env
+    fits.writeto(env.cfg.inbox / "e1.err.fits", np.full(SHAPE, 2.0, np.float32))
+    env.submit()
+    assert env.runner.run(env.journal.claim()) == "done"
+    kw = env.calls[-1]
+    assert kw["new_err"] == str(env.cfg.inbox / "e1.err.fits") and "new_var" not in kw
+
+
 def test_archive_and_duplicate_checksum(tmp_path, scene):
     toml = make_tree(tmp_path, scene, archive="archive")
     cfg = zd.config_from_args(parse(["daemon", "--config", str(toml)]))

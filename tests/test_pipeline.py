@@ -337,3 +337,19 @@ def test_settled_and_unsettled_outputs_are_identical(tmp_path):
     with fits.open(tmp_path / "on.fits") as a, fits.open(tmp_path / "off.fits") as b:
         for name in ("D", "S", "SCORR", "FLUX", "FLUX_ERR", "MASK"):
             np.testing.assert_array_equal(a[name].data, b[name].data)
+
+
+def test_error_maps_mask_nonpositive_errors():
+    """A 1-sigma error map is variance = err**2; err <= 0 marks a pixel without data."""
+    sc = make_scene((256, 256), seed=6, n_transients=4)
+    kw = dict(new_psf=sc.new_psf, ref_psf=sc.ref_psf, flux_ratio=1.0, wisdom=False, tile=256)
+    a = list(stream(sc.new, sc.ref, new_var=sc.new_var, ref_var=sc.ref_var, **kw))[0]
+    en = np.sqrt(sc.new_var).astype(np.float32)
+    en[10, 20] = 0.0
+    b = list(stream(sc.new, sc.ref, new_err=en, ref_err=np.sqrt(sc.ref_var), **kw))[0]
+    assert b.mask[10, 20] & MaskBit.BAD_NEW and not a.mask[10, 20] & MaskBit.BAD_NEW
+    good = (a.mask == 0) & (b.mask == 0)
+    assert good.mean() > 0.7  # masks of saturated stars and their kernel footprints aside
+    np.testing.assert_allclose(b.scorr[good], a.scorr[good], atol=1e-3)
+    with pytest.raises(InputError, match="--new-var and --new-err"):
+        list(stream(sc.new, sc.ref, new_var=sc.new_var, new_err=en, **kw))

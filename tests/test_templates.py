@@ -40,7 +40,7 @@ def test_naming_rules(tmp_path):
     assert all(is_temporary(n) for n in (".a.fits", "a.fits.tmp", "a.tmp.fits", "a.fits.part", "a.fits~",
                                          "a.partial", ".a.fits.XYZ123"))
     assert not any(is_temporary(n) for n in ("a.fits", "partial_a.fits", "tmpfile.fits"))
-    assert all(is_sidecar(n) for n in ("a.psf.fits", "a.psf", "a.var.fits", "a.weight.fits", "a.mask.fits",
+    assert all(is_sidecar(n) for n in ("a.psf.fits", "a.psf", "a.var.fits", "a.weight.fits", "a.err.fits", "a.mask.fits",
                                        "a.fits.reason.txt"))
     assert image_stem("exp1.fits") == "exp1" and image_stem("exp1.fits.fz") == "exp1"
     assert image_stem("exp1.fit") == "exp1" and image_stem("x.y.fits") == "x.y"

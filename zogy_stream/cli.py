@@ -110,6 +110,10 @@ def subtraction_parent() -> argparse.ArgumentParser:
     g.add_argument("--new-weight", metavar="F",
                    help="inverse-variance weight map of NEW (variance = 1/w; w <= 0 masked)")
     g.add_argument("--ref-weight", metavar="F", help="inverse-variance weight map of REF")
+    g.add_argument("--new-err", metavar="F",
+                   help="1-sigma error map of NEW, e.g. file.fits[ERR] (variance = err^2; "
+                        "err <= 0 masked)")
+    g.add_argument("--ref-err", metavar="F", help="1-sigma error map of REF")
     g.add_argument("--gain", metavar="G", type=_positive_float,
                    help="gain of both images in e-/ADU (overrides the header)")
     g.add_argument("--gain-key", metavar="KEY", default="GAIN",
@@ -139,7 +143,7 @@ def subtraction_parent() -> argparse.ArgumentParser:
                    help="do not rescale S_corr per tile to unit dispersion on blank sky")
     g.add_argument("--cosmic-rays", choices=("auto", "on", "off"), default="auto",
                    help="mask cosmic rays (auto: on for single exposures given without "
-                        "variance/weight map or mask, off for coadds with NCOMBINE > 1)")
+                        "variance/weight/error map or mask, off for coadds with NCOMBINE > 1)")
     g.add_argument("--zeropoint", metavar="ZP", type=float,
                    help="zero point of REF units: adds mag, mag_err to the catalogue")
     g.add_argument("--no-background", action="store_true",
@@ -189,7 +193,8 @@ def subtract_kwargs(args: argparse.Namespace) -> dict:
         ref_gain=args.ref_gain, new_saturation=args.new_saturation,
         ref_saturation=args.ref_saturation, flux_ratio=args.flux_ratio,
         astrometric_sigma=_ast_kw(args.astrometric_sigma), background=not args.no_background,
-        new_weight=args.new_weight, ref_weight=args.ref_weight, gain=args.gain,
+        new_weight=args.new_weight, ref_weight=args.ref_weight, new_err=args.new_err,
+        ref_err=args.ref_err, gain=args.gain,
         gain_key=args.gain_key, saturate_key=args.saturate_key, psf_size=args.psf_size,
         local_psf=not args.no_local_psf, noise_correction=not args.no_noise_correction,
         cosmic_rays=args.cosmic_rays, zeropoint=args.zeropoint,

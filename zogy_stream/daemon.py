@@ -13,7 +13,7 @@ Pick-up
     runs as a safety net (and alone when ``watchdog`` is missing).  Hidden and
     temporary names (``.x``, ``x.tmp``, ``x.part``...) and sidecars
     (``NAME.psf.fits``, ``NAME.psf``, ``NAME.var.fits``, ``NAME.weight.fits``,
-    ``NAME.mask.fits``) are never exposures; sidecars are passed to the
+    ``NAME.err.fits``, ``NAME.mask.fits``) are never exposures; sidecars are passed to the
     subtraction automatically, for the exposure and for its template.
 
 Crash safety
@@ -95,6 +95,7 @@ SubtractFn = Callable[..., Any]
 
 # Subtraction arguments the daemon sets itself (per exposure, from sidecars and the outbox).
 _MANAGED = frozenset({"new", "ref", "out", "new_psf", "ref_psf", "new_var", "ref_var", "new_mask", "ref_mask",
+                      "new_weight", "ref_weight", "new_err", "ref_err",
                       "catalog", "stamps", "progress", "quiet", "stop", "dask", "output", "o"})
 
 # (key, kind, help): every key is a TOML key and a --flag.  Kinds ending in "?" accept none.
@@ -864,6 +865,8 @@ class JobRunner:
             var, mask = weight_to_variance(side.weight, side.mask, staging / f"{prefix}.var.fits",
                                            staging / f"{prefix}.mask.fits")
             kw.update({f"{prefix}_var": str(var), f"{prefix}_mask": str(mask)})
+        elif side.err is not None and side.var is None:
+            kw[f"{prefix}_err"] = str(side.err)
         return kw
 
     def _call(self, new: str, ref: str, out: str, kwargs: dict, job: Job) -> Any:

@@ -84,7 +84,7 @@ class Options:
         Rescale S_corr per tile by its measured robust dispersion on blank sky
         (correlated noise of resampled/coadded images).
     cosmic_rays : str
-        ``auto`` (on for an image given without variance/weight map and mask
+        ``auto`` (on for an image given without variance/weight/error map and mask
         and not a coadd, NCOMBINE <= 1), ``on`` or ``off``.
     zeropoint : float or None
         Photometric zero point of the reference units: adds ``mag``, ``mag_err``.

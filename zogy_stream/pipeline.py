@@ -56,6 +56,22 @@ OUTPUT_PLANES = {
 }
 
 
+_NOISE_KINDS = ("var", "weight", "err")
+
+
+def _as_variance(kind: str, a: np.ndarray) -> np.ndarray:
+    """Variance from a noise map: ``var`` as is, ``weight`` = 1/variance, ``err`` = 1-sigma.
+
+    Pixels whose weight or error is not positive come out NaN, which masks them.
+    """
+    if kind == "var":
+        return a
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if kind == "weight":
+            return np.where(a > 0, 1.0 / a, np.nan).astype(np.float32)
+        return np.where(a > 0, np.square(a, dtype=np.float32), np.nan).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Inputs:
     """Input sources: FITS paths (``file.fits[ext]`` allowed) or 2-D arrays."""
@@ -70,14 +86,24 @@ class Inputs:
     ref_mask: object = None
     new_weight: object = None
     ref_weight: object = None
+    new_err: object = None
+    ref_err: object = None
 
     def sources(self) -> dict[str, object]:
         """The image-shaped inputs that are given, by label."""
         items = {"NEW": self.new, "REF": self.ref, "--new-var": self.new_var,
                  "--ref-var": self.ref_var, "--new-mask": self.new_mask,
                  "--ref-mask": self.ref_mask, "--new-weight": self.new_weight,
-                 "--ref-weight": self.ref_weight}
+                 "--ref-weight": self.ref_weight, "--new-err": self.new_err,
+                 "--ref-err": self.ref_err}
         return {k: v for k, v in items.items() if v is not None}
+
+    def noise(self, img: str) -> str | None:
+        """Which noise map ``img`` ("new" or "ref") has: "var", "weight", "err" or None."""
+        for kind in _NOISE_KINDS:
+            if getattr(self, f"{img}_{kind}") is not None:
+                return kind
+        return None
 
 
 @dataclass(frozen=True)
@@ -110,8 +136,8 @@ class RunPlan:
     @property
     def has_var(self) -> bool:
         i = self.inputs
-        return (i.new_var is not None or i.ref_var is not None or i.new_weight is not None
-                or i.ref_weight is not None or any(g is not None for g in self.gain))
+        return (i.noise("new") is not None or i.noise("ref") is not None
+                or any(g is not None for g in self.gain))
 
     @property
     def split(self) -> bool:
@@ -171,15 +197,11 @@ def _header_float(header, key: str) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def _global_sigma(reader: ImageReader, var_reader: ImageReader | None, sat: float,
-                  weight_reader: ImageReader | None = None) -> float:
+def _global_sigma(reader: ImageReader, noise_reader: ImageReader | None, kind: str | None,
+                  sat: float) -> float:
     step = max(1, int(math.sqrt(reader.shape[0] * reader.shape[1] / 250_000)))
     img = reader.sample(step)
-    var = var_reader.sample(step) if var_reader is not None else None
-    if weight_reader is not None:
-        w = weight_reader.sample(step)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            var = np.where(w > 0, 1.0 / w, np.nan).astype(np.float32)
+    var = _as_variance(kind, noise_reader.sample(step)) if noise_reader is not None else None
     if not np.any(np.isfinite(img)):
         raise InputError(f"{reader.label}: image has no finite pixels")
     return tile_stats(img, variance=var, saturation=sat).sigma
@@ -203,8 +225,9 @@ def plan_run(inputs: Inputs, opts: Options) -> RunPlan:
                 raise InputError(f"{label} has shape {rd.shape[1]}x{rd.shape[0]} but NEW is "
                                  f"{shape[1]}x{shape[0]}; images must be registered on one grid")
         for img in ("new", "ref"):
-            if getattr(inputs, f"{img}_var") is not None and getattr(inputs, f"{img}_weight") is not None:
-                raise InputError(f"give --{img}-var or --{img}-weight, not both")
+            given = [f"--{img}-{k}" for k in _NOISE_KINDS if getattr(inputs, f"{img}_{k}") is not None]
+            if len(given) > 1:
+                raise InputError(f"give one noise map of {img.upper()}, not {' and '.join(given)}")
         hn, hr = readers["NEW"].header, readers["REF"].header
         sk, gk = opts.saturate_key, opts.gain_key
         from .calibrate import detect_saturation  # no keyword: a pile-up at the maximum
@@ -213,18 +236,15 @@ def plan_run(inputs: Inputs, opts: Options) -> RunPlan:
         gain = [opts.new_gain or opts.gain or _header_float(hn, gk),
                 opts.ref_gain or opts.gain or _header_float(hr, gk)]
         for k, img in enumerate(("new", "ref")):
-            if (getattr(inputs, f"{img}_var") is not None
-                    or getattr(inputs, f"{img}_weight") is not None):
+            if inputs.noise(img) is not None:
                 gain[k] = None
             elif gain[k] is None and not isinstance(getattr(inputs, img), np.ndarray):
                 log.warning("%s has no %s keyword and no --gain was given: its variance is the "
                             "background variance only (no source Poisson term)",
                             img.upper(), gk)
         gain = tuple(gain)
-        sigma = (_global_sigma(readers["NEW"], readers.get("--new-var"), sat[0],
-                               readers.get("--new-weight")),
-                 _global_sigma(readers["REF"], readers.get("--ref-var"), sat[1],
-                               readers.get("--ref-weight")))
+        sigma = tuple(_global_sigma(readers[img.upper()], readers.get(f"--{img}-{inputs.noise(img)}"),
+                                    inputs.noise(img), s) for img, s in (("new", sat[0]), ("ref", sat[1])))
         cal = _calibrate(inputs, opts, readers, shape, sat, gain)
     finally:
         for rd in readers.values():
@@ -262,12 +282,12 @@ def plan_run(inputs: Inputs, opts: Options) -> RunPlan:
 
 
 def _cosmics_on(mode: str, inputs: Inputs, img: str, header) -> bool:
-    """``--cosmic-rays auto``: on for an image given without a variance/weight map
+    """``--cosmic-rays auto``: on for an image given without a variance/weight/error map
     or mask, whose header identifies an exposure (EXPTIME, EXPOSURE, GAIN, RDNOISE or
     DATE-OBS) and does not mark a coadd (NCOMBINE > 1); arrays and bare files: off."""
     if mode != "auto":
         return mode == "on"
-    if any(getattr(inputs, f"{img}_{k}") is not None for k in ("var", "weight", "mask")):
+    if inputs.noise(img) is not None or getattr(inputs, f"{img}_mask") is not None:
         return False
     if isinstance(getattr(inputs, img), np.ndarray) or not any(
             k in header for k in ("EXPTIME", "EXPOSURE", "GAIN", "RDNOISE", "DATE-OBS")):
@@ -385,10 +405,9 @@ class TileEngine:
         # read() drops each chunk's mapped pages as it copies: no release needed here
         win = {label: rd.read(tile.valid) for label, rd in self.readers.items()}
         for img in ("new", "ref"):
-            wt = win.pop(f"--{img}-weight", None)
-            if wt is not None:  # inverse variance; w <= 0 (or NaN) is masked via a NaN variance
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    win[f"--{img}-var"] = np.where(wt > 0, 1.0 / wt, np.nan).astype(np.float32)
+            kind = p.inputs.noise(img)
+            if kind in ("weight", "err"):  # unusable weights/errors mask via a NaN variance
+                win[f"--{img}-var"] = _as_variance(kind, win.pop(f"--{img}-{kind}"))
         extra = self._tile_calibration(tile, win)
         stats = []
         ly, lx = p.grid.size
@@ -778,14 +797,14 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None) -> Iterator[TileResult]:
 
 def _make_inputs(new, ref, kw: dict) -> tuple[Inputs, Options]:
     names = ("new_psf", "ref_psf", "new_var", "ref_var", "new_mask", "ref_mask", "new_weight",
-             "ref_weight")
+             "ref_weight", "new_err", "ref_err")
     inputs = Inputs(new, ref, **{k: kw.pop(k, None) for k in names})
     return inputs, Options.from_kwargs(**kw)
 
 
 def stream(new, ref, *, new_psf=None, ref_psf=None, new_var=None, ref_var=None,
-           new_mask=None, ref_mask=None, new_weight=None, ref_weight=None, stop=None,
-           **options) -> Iterator[TileResult]:
+           new_mask=None, ref_mask=None, new_weight=None, ref_weight=None, new_err=None,
+           ref_err=None, stop=None, **options) -> Iterator[TileResult]:
     """Yield ZOGY products tile by tile as soon as each tile is done.
 
     Parameters
@@ -802,6 +821,10 @@ def stream(new, ref, *, new_psf=None, ref_psf=None, new_var=None, ref_var=None,
         Per-pixel variance maps.
     new_weight, ref_weight : path or 2-D array, optional
         Inverse-variance weight maps (variance = 1/w; w <= 0 is masked).
+    new_err, ref_err : path or 2-D array, optional
+        1-sigma error maps (variance = err**2; err <= 0 is masked), e.g. the
+        ERR extension of a drizzled or pipeline-calibrated image.  Give at
+        most one of var, weight and err per image.
     new_mask, ref_mask : path or 2-D array, optional
         Non-zero marks a bad pixel.
     stop : threading.Event, optional
@@ -823,7 +846,8 @@ def stream(new, ref, *, new_psf=None, ref_psf=None, new_var=None, ref_var=None,
     inputs, opts = _make_inputs(new, ref, dict(options, new_psf=new_psf, ref_psf=ref_psf,
                                                new_var=new_var, ref_var=ref_var,
                                                new_mask=new_mask, ref_mask=ref_mask,
-                                               new_weight=new_weight, ref_weight=ref_weight))
+                                               new_weight=new_weight, ref_weight=ref_weight,
+                                               new_err=new_err, ref_err=ref_err))
     plan = plan_run(inputs, opts)
     engine = TileEngine(plan, wisdom=_wisdom_for(opts))
     try:
@@ -856,6 +880,8 @@ def output_header(plan: RunPlan) -> fits.Header:
         ("REFMASK", name(i.ref_mask), "bad-pixel mask of the reference image"),
         ("NEWWHT", name(i.new_weight), "inverse-variance weight map of new"),
         ("REFWHT", name(i.ref_weight), "inverse-variance weight map of ref"),
+        ("NEWERR", name(i.new_err), "1-sigma error map of the new image"),
+        ("REFERR", name(i.ref_err), "1-sigma error map of the reference image"),
         ("NPSFSRC", plan.psf_sources[0].kind if plan.psf_sources[0] else "image",
          "PSF of new: image, psfex or auto (estimated)"),
         ("RPSFSRC", plan.psf_sources[1].kind if plan.psf_sources[1] else "image",
@@ -907,7 +933,8 @@ def _psf_d(plan: RunPlan) -> np.ndarray:
 
 
 def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var=None,
-             new_mask=None, ref_mask=None, new_weight=None, ref_weight=None, catalog=None,
+             new_mask=None, ref_mask=None, new_weight=None, ref_weight=None, new_err=None,
+             ref_err=None, catalog=None,
              stamps=None, png=None, progress: bool = False, stop=None,
              dask: str | None = None, **options) -> SubtractSummary:
     """Subtract ``ref`` from ``new`` into the multi-extension FITS file ``out``.
@@ -920,7 +947,9 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
 
     Parameters
     ----------
-    new, ref, new_psf, ref_psf, new_var, ref_var, new_mask, ref_mask, stop, **options
+    new, ref, new_psf, ref_psf, new_var, ref_var, new_weight, ref_weight, new_err, ref_err
+        As for :func:`stream`.
+    new_mask, ref_mask, stop, **options
         As for :func:`stream`.
     out : path
         Output FITS path.
@@ -956,7 +985,8 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
     inputs, opts = _make_inputs(new, ref, dict(options, new_psf=new_psf, ref_psf=ref_psf,
                                                new_var=new_var, ref_var=ref_var,
                                                new_mask=new_mask, ref_mask=ref_mask,
-                                               new_weight=new_weight, ref_weight=ref_weight))
+                                               new_weight=new_weight, ref_weight=ref_weight,
+                                               new_err=new_err, ref_err=ref_err))
     out = _check_output(out, "output")
     if catalog is not None:
         catalog = _check_output(catalog, "--catalog")

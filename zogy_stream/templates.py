@@ -14,7 +14,8 @@ Naming rules
 * Images: ``*.fits``, ``*.fit``, ``*.fts``, ``*.fits.fz``, ``*.fits.gz``, ``*.fz``.
 * Sidecars beside an image ``NAME.fits``: ``NAME.psf.fits`` (PSF image),
   ``NAME.psf`` (PSFEx model), ``NAME.var.fits`` (variance), ``NAME.weight.fits``
-  (inverse variance), ``NAME.mask.fits`` (non-zero = bad).  A sidecar is never
+  (inverse variance), ``NAME.err.fits`` (1-sigma error), ``NAME.mask.fits``
+  (non-zero = bad).  A sidecar is never
   an image itself.
 * Temporary or hidden files are ignored: a leading ``.``, a trailing ``~``, or a
   ``.tmp`` / ``.temp`` / ``.part`` / ``.partial`` / ``.filepart`` /
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES: tuple[str, ...] = (".fits.fz", ".fits.gz", ".fits", ".fit", ".fts", ".fz")
 SIDECAR_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("psf", ".psf.fits"), ("psf", ".psf"), ("var", ".var.fits"), ("weight", ".weight.fits"),
-    ("mask", ".mask.fits"))
+    ("err", ".err.fits"), ("mask", ".mask.fits"))
 _TEMP_PARTS = frozenset({"tmp", "temp", "part", "partial", "filepart", "crdownload", "swp"})
 
 
@@ -91,11 +92,12 @@ class Sidecars:
     psf: Path | None = None
     var: Path | None = None
     weight: Path | None = None
+    err: Path | None = None
     mask: Path | None = None
 
     def files(self) -> list[Path]:
         """The sidecar files present."""
-        return [p for p in (self.psf, self.var, self.weight, self.mask) if p is not None]
+        return [p for p in (self.psf, self.var, self.weight, self.err, self.mask) if p is not None]
 
 
 def find_sidecars(image: str | Path) -> Sidecars:
