@@ -9,12 +9,18 @@ delta-function source stays on its pixel for odd and even sizes alike.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
+from scipy import ndimage
 
 from .errors import InputError
 
-__all__ = ["load_psf", "normalise_psf", "psf_to_origin", "psf_fwhm", "psf_centroid"]
+__all__ = ["load_psf", "normalise_psf", "centre_psf", "psf_to_origin", "psf_fwhm",
+           "psf_centroid"]
+
+#: Offset (pixels) of a given PSF's centroid from its centre pixel beyond which it is re-centred.
+RECENTRE_TOLERANCE = 0.2
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,11 @@ def normalise_psf(psf, *, label: str = "PSF") -> np.ndarray:
 
 
 def load_psf(source, *, label: str = "PSF") -> np.ndarray:
-    """Load a PSF from a FITS image path or an array; normalise it.
+    """Load a PSF from a FITS image path or an array; normalise and centre it.
+
+    A PSF whose centroid is more than :data:`RECENTRE_TOLERANCE` pixels from
+    its centre pixel ``(ny // 2, nx // 2)`` -- typically an even-sized model
+    centred on the geometric middle -- is re-centred (see :func:`centre_psf`).
 
     Raises
     ------
@@ -47,11 +57,52 @@ def load_psf(source, *, label: str = "PSF") -> np.ndarray:
         Unreadable file or invalid PSF.
     """
     if isinstance(source, np.ndarray):
-        return normalise_psf(source, label=label)
+        return centre_psf(normalise_psf(source, label=label), label=label)
     from .fitsio import read_image
 
     data, _ = read_image(source, label=label)
-    return normalise_psf(data, label=f"{label} '{source}'")
+    name = f"{label} '{source}'"
+    return centre_psf(normalise_psf(data, label=name), label=name)
+
+
+def centre_psf(psf: np.ndarray, *, tolerance: float = RECENTRE_TOLERANCE,
+               label: str = "PSF") -> np.ndarray:
+    """Move a unit-sum PSF's windowed centroid onto its centre pixel if it is off.
+
+    The centroid is Source Extractor's windowed one (XWIN/YWIN), robust to
+    wings and spikes.  An offset of at most ``tolerance`` pixels is left alone
+    (it may be meant, e.g. a registration residual); a larger one is removed
+    with a band-limited (Fourier) shift of the zero-padded stamp, and logged.
+
+    Returns
+    -------
+    ndarray
+        ``psf`` itself, or the shifted PSF (float64, unit sum, same shape).
+
+    Raises
+    ------
+    InputError
+        The PSF has no measurable centroid.
+    """
+    from .stars import measure_psf  # sep-based; stars imports nothing from here
+
+    ny, nx = psf.shape
+    if min(ny, nx) < 3:
+        return psf
+    _, xc, yc = measure_psf(np.clip(psf, 0, None))
+    dy, dx = ny // 2 - yc, nx // 2 - xc
+    if not (np.isfinite(dx) and np.isfinite(dy)):
+        raise InputError(f"{label}: the PSF has no measurable centroid; give a centred PSF")
+    if math.hypot(dx, dy) <= tolerance:
+        return psf
+    log.warning("%s: centroid is off the centre pixel (%d, %d) by (%+.2f, %+.2f) px; "
+                "re-centred (the convention is the pixel n//2, 0-based)", label, nx // 2,
+                ny // 2, -dx, -dy)
+    py, px = ny // 2 + 2, nx // 2 + 2
+    padded = np.pad(psf, ((py, py), (px, px)))
+    spec = ndimage.fourier_shift(np.fft.rfft2(padded), (dy, dx), n=padded.shape[1])
+    out = np.fft.irfft2(spec, s=padded.shape)[py:py + ny, px:px + nx]
+    return out / out.sum()
 
 
 def psf_to_origin(psf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
