@@ -361,3 +361,31 @@ def test_estimate_psf_decam():
     n = psf.shape[0]
     assert n % 2 == 1 and psf.sum() == pytest.approx(1.0)
     assert abs(info["centroid"][0] - n // 2) < 0.1 and abs(info["centroid"][1] - n // 2) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# PSF-fit flux bias of the estimated PSF (wing treatment)
+# ---------------------------------------------------------------------------------------------
+def test_estimated_narrow_psf_gives_unbiased_psf_fluxes():
+    """A stack of 20-30 FWHM-3 stars must not lose wing light.
+
+    PSF-fit fluxes with the estimate ``P`` of a star whose true PSF is ``T``
+    scale by ``sum(P T) / sum(P P)``. Zeroing the stack's wings beyond the
+    noise radius (5 px here) made that 0.983-0.993 on these scenes (mean
+    0.989); the fitted wing model gives 0.998-1.005.
+    """
+    from zogy_stream.simulate import make_scene
+
+    biases = []
+    for seed in (1, 2, 3, 4):
+        sc = make_scene((1024, 1024), seed=seed, n_transients=0, new_fwhm=3.0, ref_fwhm=3.0,
+                        star_flux=(300, 3e5), star_density=2000, saturation=60000)
+        psf, info = estimate_psf(sc.ref, saturation=60000, snr_min=15.0, min_stars=10)
+        assert info["n_stars"] >= 15
+        n, m = psf.shape[0], sc.ref_psf.shape[0]
+        t = sc.ref_psf[(m - n) // 2:(m + n) // 2, (m - n) // 2:(m + n) // 2]
+        t = t / t.sum()
+        assert psf.min() >= 0.0 and psf.sum() == pytest.approx(1.0)
+        biases.append(np.sum(psf * t) / np.sum(psf * psf))
+    assert np.mean(biases) == pytest.approx(1.0, abs=0.005), biases
+    assert np.all(np.abs(np.array(biases) - 1.0) < 0.012), biases
