@@ -139,6 +139,11 @@ def subtraction_parent() -> argparse.ArgumentParser:
     g.add_argument("--no-registration", action="store_true",
                    help="do not fold the residual sub-pixel offset of matched stars into "
                         "NEW's PSF")
+    g.add_argument("--model-error", metavar="E|auto", default="auto",
+                   help="fractional error of the PSF/flux model of static sources: "
+                        "E^2 min(S_N, S_R)^2 joins the variance of S_corr so imperfectly "
+                        "modelled bright stars leave no candidates (default auto: fitted per "
+                        "tile to its bright stars; 0: off)")
     g.add_argument("--no-noise-correction", action="store_true",
                    help="do not rescale S_corr per tile to unit dispersion on blank sky")
     g.add_argument("--cosmic-rays", choices=("auto", "on", "off"), default="auto",
@@ -197,6 +202,7 @@ def subtract_kwargs(args: argparse.Namespace) -> dict:
         ref_err=args.ref_err, gain=args.gain,
         gain_key=args.gain_key, saturate_key=args.saturate_key, psf_size=args.psf_size,
         local_psf=not args.no_local_psf, noise_correction=not args.no_noise_correction,
+        model_error=args.model_error,
         cosmic_rays=args.cosmic_rays, zeropoint=args.zeropoint,
         registration=not args.no_registration,
         bkg_mesh=args.bkg_mesh, threshold=args.threshold, tile=args.tile, overlap=args.overlap,
@@ -304,7 +310,18 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_INPUT
+    lg = logging.getLogger("zogy_stream")
+    saved = (lg.handlers[:], lg.level, lg.propagate)
     _configure_logging(args)
+    try:
+        return _run(args, argv)
+    finally:  # embedded calls (notebooks, tests) get their logging set-up back
+        lg.handlers[:] = saved[0]
+        lg.setLevel(saved[1])
+        lg.propagate = saved[2]
+
+
+def _run(args, argv) -> int:
     if argv is None:
         # The console script owns this process: move the million objects the imports
         # made out of the collector's sight, so full collections triggered by per-tile
