@@ -382,3 +382,32 @@ def test_off_centre_psf_stamps_are_recentred(geometric, caplog, monkeypatch):
         _, bad = run(new, ref, new_psf=stamp, ref_psf=gaussian(3.0, n=25), tile=128,
                      flux_ratio=1.0, wisdom=False)
         assert len(bad) >= 3
+
+
+def test_common_no_data_region_masks_only_where_it_cuts_a_source():
+    """Zero coverage in both images (mosaic corners) is filled alike in both: it must not
+    grow NEAR by the kernel radius, except around a source it cuts; no data in one image
+    only still does."""
+    from conftest import add_source, gaussian
+
+    rng = np.random.default_rng(12)
+    n = 256
+    new = rng.normal(100, 5, (n, n)).astype(np.float32)
+    ref = rng.normal(100, 5, (n, n)).astype(np.float32)
+    add_source(new, gaussian(3.5, n=25), 2e5, 60, 20)  # on the corner's edge: cut
+    add_source(ref, gaussian(3.0, n=25), 2e5, 60, 20)
+    yy, xx = np.indices((n, n))
+    corner = (xx + yy < 80) & ~((abs(yy - 60) < 3) & (xx > 17))  # the star's right half shows
+    new[corner] = np.nan
+    ref[corner] = np.nan
+    new[200:204, 200:204] = np.nan  # NEW only
+    kw = dict(new_psf=gaussian(3.5, n=25), ref_psf=gaussian(3.0, n=25), flux_ratio=1.0,
+              tile=128, wisdom=False)
+    out, cands = run(new, ref, **kw)
+    near = (out["mask"] & MaskBit.NEAR) != 0
+    assert (out["mask"][corner] & MaskBit.BAD_NEW).all()
+    assert near[202, 195] and near[195, 202]  # around the NEW-only hole
+    assert near[60, 25]  # the cut star
+    away = (xx + yy > 95) & (xx + yy < 110) & (abs(yy - 60) > 40) & (abs(xx - 20) > 40)
+    assert away.any() and not near[away].any()  # beside the common region, away from the star
+    assert not any(abs(c["x"] - 20) < 15 and abs(c["y"] - 60) < 15 for c in cands)

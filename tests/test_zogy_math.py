@@ -174,3 +174,53 @@ def test_bad_arrays_are_input_errors():
         zogy(a, np.zeros((32, 32)), g, g, sigma_new=1, sigma_ref=1)
     with pytest.raises(InputError, match="PSF"):
         zogy(np.zeros((32, 32)), np.zeros((32, 32)), -g, g, sigma_new=1, sigma_ref=1)
+
+
+def test_fit_model_error_recovers_the_residual_level():
+    """Static-source residuals S ~ N(0, V + eps^2 m^2): eps comes back; pure noise gives 0."""
+    from zogy_stream.zogy import fit_model_error
+
+    rng = np.random.default_rng(5)
+    m = rng.uniform(20, 400, 300)
+    v = np.full(300, 1.0)
+    s = rng.normal(0, np.sqrt(v + (0.03 * m) ** 2))
+    assert fit_model_error(s, v, m) == pytest.approx(0.03, rel=0.15)
+    assert fit_model_error(rng.normal(0, 1, 300), v, m) < 0.002
+    # a few variable stars among them do not move it
+    s2 = s.copy()
+    s2[:20] += 0.5 * m[:20]
+    assert fit_model_error(s2, v, m) == pytest.approx(0.03, rel=0.25)
+    assert np.isnan(fit_model_error(s[:4], v[:4], m[:4]))
+
+
+def test_model_error_term_silences_static_residuals_only():
+    """NEW's stars are wider than its PSF model says (a 4% FWHM error): bright stars leave
+    > 5 sigma residuals unless the model-error term absorbs them; a transient on empty sky
+    keeps its S_corr."""
+    rng = np.random.default_rng(8)
+    n = 256
+    new = rng.normal(0, SN, (n, n))
+    ref = rng.normal(0, SR, (n, n))
+    k = 0
+    while k < 40:
+        y, x = rng.integers(20, n - 20, 2)
+        if abs(y - 128) < 30 and abs(x - 128) < 30:
+            continue  # keep the transient's surroundings empty
+        f = 10 ** rng.uniform(3.5, 4.7)
+        add_source(new, gaussian(4.16, n=31), f, y, x)
+        add_source(ref, gaussian(3.0, n=31), f, y, x)
+        k += 1
+    add_source(new, gaussian(4.16, n=31), 800.0, 128, 128)  # transient, no star near
+    kw = dict(sigma_new=SN, sigma_ref=SR)
+    plain = zogy(new, ref, gaussian(4.0, n=31), gaussian(3.0, n=31), **kw)
+    fit = zogy(new, ref, gaussian(4.0, n=31), gaussian(3.0, n=31), model_error="auto", **kw)
+    far = np.ones((n, n), bool)
+    far[118:139, 118:139] = False
+    assert np.max(np.abs(plain.scorr[far])) > 8
+    assert np.max(np.abs(fit.scorr[far])) < 5
+    assert 0.005 < fit.model_error < 0.2
+    assert plain.scorr[128, 128] > 7
+    assert fit.scorr[128, 128] == pytest.approx(plain.scorr[128, 128], rel=0.01)
+    assert plain.model_error == 0.0
+    with pytest.raises(InputError, match="model_error"):
+        zogy(new, ref, gaussian(4.0), gaussian(3.0), model_error=-1, **kw)

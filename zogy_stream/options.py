@@ -80,6 +80,12 @@ class Options:
         Odd side of estimated / PSFEx-evaluated PSFs (default from the FWHM).
     local_psf : bool
         Estimate a PSF per tile from its own stars (when no PSF is given).
+    model_error : float or "auto"
+        Fractional error ε of the model of static sources (PSF shape, flux
+        scale): ``ε² min(S_N, S_R)²`` joins the variance of S_corr, so bright
+        stars that the PSFs model imperfectly leave no significant residual.
+        ``auto`` (default) fits ε per tile to its bright static sources
+        (:func:`zogy_stream.zogy.fit_model_error`; 0 with fewer than 5); 0 is off.
     noise_correction : bool
         Rescale S_corr per tile by its measured robust dispersion on blank sky
         (correlated noise of resampled/coadded images).
@@ -120,6 +126,7 @@ class Options:
     psf_size: int | None = None
     local_psf: bool = True
     noise_correction: bool = True
+    model_error: float | str = "auto"
     cosmic_rays: str = "auto"
     zeropoint: float | None = None
     registration: bool = True
@@ -164,6 +171,17 @@ class Options:
                                   f"got {o.flux_ratio!r}") from None
             if not fr > 0:
                 raise ConfigError(f"flux_ratio must be > 0, got {o.flux_ratio}")
+        me = o.model_error
+        if isinstance(me, str) and me.strip().lower() == "auto":
+            me = "auto"
+        else:
+            try:
+                me = float(me)
+            except (TypeError, ValueError):
+                raise ConfigError(f"model_error must be a number >= 0 or 'auto', "
+                                  f"got {o.model_error!r}") from None
+            if not (math.isfinite(me) and 0 <= me <= 1):
+                raise ConfigError(f"model_error must be in [0, 1] or 'auto', got {o.model_error}")
         cr = str(o.cosmic_rays).lower()
         if cr in ("true", "1", "yes"):
             cr = "on"
@@ -213,6 +231,6 @@ class Options:
             gain_key=str(o.gain_key).upper(), saturate_key=str(o.saturate_key).upper(),
             psf_size=None if o.psf_size is None else int(o.psf_size),
             local_psf=bool(o.local_psf), noise_correction=bool(o.noise_correction),
-            cosmic_rays=cr, zeropoint=None if o.zeropoint is None else float(o.zeropoint),
+            model_error=me, cosmic_rays=cr, zeropoint=None if o.zeropoint is None else float(o.zeropoint),
             registration=bool(o.registration),
         )

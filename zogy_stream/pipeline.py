@@ -141,7 +141,8 @@ class RunPlan:
 
     @property
     def split(self) -> bool:
-        return max(self.astrometric_sigma) > 0
+        """S_N and S_R are kept apart: for the astrometric or the model-error term."""
+        return max(self.astrometric_sigma) > 0 or self.opts.model_error != 0
 
     @property
     def local_flux_ratio(self) -> bool:
@@ -589,7 +590,8 @@ class TileEngine:
             if ex["user"] is not None:
                 sel &= ~ex["user"]
             mv[sel] = (mv[sel] & ~np.uint8(MaskBit.USER)) | ex["bits"][sel]
-        nk._grow_mask(self._mask, p.grow_radius, self._tmp, self._grown)
+        nk._grow_mask(self._mask, p.grow_radius, self._tmp, self._grown, self.sub.inputs[0],
+                      self.sub.inputs[1], _CUT_NSIGMA * sig_n, _CUT_NSIGMA * sig_r)
         nk._edge_bits(self._grown, tile.window.y0, tile.window.x0, p.shape[0], p.shape[1],
                       p.kernel_radius)
         _cut_sources(self.sub.inputs, self._grown, tile, p.shape, (sig_n, sig_r), p.grow_radius)
@@ -603,10 +605,11 @@ class TileEngine:
         if o.noise_correction:  # before run(): the FFTs overwrite the inputs
             blank = _blank_sky(self.sub.inputs, region, cw, self._grown, sig_n, sig_r, b)
         tim["prepare"] += time.perf_counter() - t2
-        out = self.sub.run(ks, region, astrometric_sigma=p.astrometric_sigma, var_const=var_const,
-                           timings=tim)  # fft forward, combine, fft inverse, score
-        t3 = time.perf_counter()
         mask_ext = self._grown[region.slices]
+        out = self.sub.run(ks, region, astrometric_sigma=p.astrometric_sigma, var_const=var_const,
+                           model_error=o.model_error, static_mask=mask_ext,
+                           exclude=EXCLUDE_CANDIDATE, timings=tim)  # fft forward ... score
+        t3 = time.perf_counter()
         core = slice(b, b + cw.shape[0]), slice(b, b + cw.shape[1])
         nc = dict(factor=1.0, measured=float("nan"), err=float("nan"), applied=False)
         if blank is not None:
@@ -636,6 +639,7 @@ class TileEngine:
                        flux_ratio=fr, flux_ratio_err=fr_err, flux_ratio_src=fr_src,
                        noise_factor=nc["factor"], noise_measured=nc["measured"],
                        noise_err=nc["err"], noise_applied=nc["applied"],
+                       model_error=out["model_error"],
                        n_cosmic_new=ex.get("n_cosmic_new", 0),
                        n_cosmic_ref=ex.get("n_cosmic_ref", 0)),
         )
@@ -894,6 +898,7 @@ def output_header(plan: RunPlan) -> fits.Header:
         ("ASTSIGX", plan.astrometric_sigma[0], "[pix] astrometric sigma x"),
         ("ASTSIGY", plan.astrometric_sigma[1], "[pix] astrometric sigma y"),
         ("ASTSRC", plan.astrometric_src, "astrometric sigma: user, auto, default"),
+        ("MODERR", str(o.model_error), "model error of static sources: auto or fixed"),
         ("REGDX", float(plan.psf_sources[0].shift[0]), "[pix] registration shift applied to NEW PSF"),
         ("REGDY", float(plan.psf_sources[0].shift[1]), "[pix] registration shift applied to NEW PSF"),
         ("COSMNEW", plan.cosmics[0], "cosmic rays detected and masked in new"),
@@ -1002,7 +1007,7 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
     header["FD"] = (ks_c.f_d, "F_D at the global noise levels (eq. 15)")
     plane_header = header.copy()
     for key, comment in _TILE_SUMMARY:
-        header[key] = (0.0 if key.startswith("NC") else 0, comment)
+        header[key] = (0.0 if key.startswith(("NC", "ME")) else 0, comment)
     planes = [Plane(name, np.float32, plan.shape, _plane_header(plane_header, name, text))
               for name, text in OUTPUT_PLANES.items()]
     planes.append(Plane("MASK", np.uint8, plan.shape, _plane_header(plane_header, "MASK",
@@ -1077,6 +1082,8 @@ _TILE_SUMMARY = (
     ("NCMAX", "max per-tile S_corr noise factor"),
     ("NCAPPLD", "tiles whose S_corr was rescaled"),
     ("NCOSMIC", "cosmic-ray pixels masked (new + ref)"),
+    ("MEMED", "median per-tile model error of static sources"),
+    ("MEMAX", "max per-tile model error of static sources"),
 )
 
 
@@ -1117,14 +1124,19 @@ def _tile_summary(header: fits.Header, parts) -> None:
         "NCAPPLD": sum(bool(d["noise_applied"]) for d in st),
         "NCOSMIC": sum(int(d["n_cosmic_new"]) + int(d["n_cosmic_ref"]) for d in st),
     }
+    me = np.array([d.get("model_error", 0.0) for d in st])
     for key, v in vals.items():
         header[key] = int(v) if not key.startswith("NC") or key in ("NCAPPLD", "NCOSMIC") \
             else round(float(v), 5)
+    header["MEMED"] = round(float(np.median(me)), 5)
+    header["MEMAX"] = round(float(me.max()), 5)
     if vals["NPSFGLBN"] or vals["NPSFGLBR"]:
         log.info("%d/%d tiles used the mosaic-wide PSF of NEW, %d/%d of REF (too few stars)",
                  vals["NPSFGLBN"], len(st), vals["NPSFGLBR"], len(st))
     log.info("S_corr noise factors: median %.3f, min %.3f, max %.3f, applied in %d tiles",
              vals["NCMED"], vals["NCMIN"], vals["NCMAX"], vals["NCAPPLD"])
+    log.info("model error of static sources: median %.4f, max %.4f over %d tiles",
+             float(np.median(me)), float(me.max()), len(st))
 
 
 def _patch_primary(outfile: OutputFile, header: fits.Header) -> None:

@@ -337,10 +337,16 @@ class TileSubtractor:
         return self._rk[1:]
 
     def run(self, ks: KernelSet, region, *, astrometric_sigma=(0.0, 0.0),
-            var_const: float = 0.0, timings=None) -> dict[str, np.ndarray]:
+            var_const: float = 0.0, model_error=0.0, static_mask=None, exclude: int = 0,
+            timings=None) -> dict:
         """Subtract the filled tile; return D, S, SCORR, FLUX, FLUX_ERR on ``region``.
 
         ``region`` is a :class:`~zogy_stream.tiles.Box` in padded-tile pixels.
+        ``model_error`` (needs ``split``) is the fractional error ε of the
+        model of static sources, or ``"auto"`` to fit it to this tile's
+        bright static sources (:func:`fit_model_error`, skipping peaks where
+        ``static_mask & exclude``; ``static_mask`` covers ``region``); the
+        value used is returned under ``"model_error"`` (0 when too few).
         ``timings``, a mapping of stage name to seconds, gets the time of each
         step added: ``fft forward``, ``combine``, ``fft inverse`` (or
         ``convolve`` on the image-space path) and ``score``.
@@ -380,16 +386,84 @@ class TileSubtractor:
             marks.append(("fft inverse", clock()))
             del spec
         shape = (y1 - y0, x1 - x0)
+        eps = 0.0
+        if model_error == "auto" and self.split:
+            mask = (static_mask if static_mask is not None
+                    else np.zeros(shape, np.uint8))
+            buf = np.empty((3, y1 - y0, _ROW_PEAKS))
+            counts = np.empty(y1 - y0, np.int64)
+            nk._static_peaks(planes, y0, y1, x0, x1, self.has_var, float(var_const),
+                             float(sx) ** 2, float(sy) ** 2, mask, int(exclude),
+                             MODEL_ERROR_NSIGMA, buf[0], buf[1], buf[2], counts)
+            sel = np.arange(_ROW_PEAKS)[None, :] < counts[:, None]
+            eps = fit_model_error(buf[0][sel], buf[1][sel], buf[2][sel])
+            eps = 0.0 if not math.isfinite(eps) else eps
+        elif model_error != "auto" and self.split:
+            eps = float(model_error)
         out = {k: np.empty(shape, dtype=self.dtype) for k in ("d", "s", "scorr", "flux", "flux_err")}
         nk._finish(planes, y0, y1, x0, x1, self.split, self.has_var, float(var_const),
-                   float(sx) ** 2, float(sy) ** 2, 1.0 / ks.f_s,
+                   float(sx) ** 2, float(sy) ** 2, eps * eps, 1.0 / ks.f_s,
                    out["d"], out["s"], out["scorr"], out["flux"], out["flux_err"])
+        out["model_error"] = eps
         marks.append(("score", clock()))
         if timings is not None:
             for name, t in marks:
                 timings[name] = timings.get(name, 0.0) + (t - t0)
                 t0 = t
         return out
+
+
+#: Static sources whose min(S_N, S_R) exceeds this many sigma measure the model error.
+MODEL_ERROR_NSIGMA = 20.0
+#: Fewer such sources in a tile than this: no model-error term there.
+MODEL_ERROR_MIN_SOURCES = 5
+_ROW_PEAKS = 8  # at most this many peaks per row enter the fit
+_MEDIAN_ABS_NORMAL = 0.6744897501960817
+
+
+def fit_model_error(s, v, m, *, min_sources: int = MODEL_ERROR_MIN_SOURCES) -> float:
+    """Fractional model error ε of static sources from their score residuals.
+
+    Subtraction leaves, at a static source whose score is ``m = min(S_N, S_R)``,
+    a residual ``S`` that PSF-model and flux-scale errors make proportional to
+    ``m``: ``S ~ N(0, V + ε² m²)``.  The ε returned is the smallest for which
+    the median of ``|S| / sqrt(V + ε² m²)`` over the sources is that of a unit
+    normal (0.674): a few variable stars among them do not move it.  This is
+    the analogue for flux/PSF errors of the astrometric term of eqs. 30-33.
+
+    Parameters
+    ----------
+    s, v, m : array_like
+        S, its variance (with any astrometric term) and ``min(S_N, S_R)`` at
+        the peaks of bright static sources.
+    min_sources : int
+        Fewer sources than this give NaN.
+
+    Returns
+    -------
+    float
+        ε in [0, 1], or NaN.
+    """
+    s, v, m = (np.asarray(a, np.float64) for a in (s, v, m))
+    if s.size < min_sources:
+        return float("nan")
+    a = np.abs(s)
+
+    def med(e):
+        return float(np.median(a / np.sqrt(v + e * e * m * m)))
+
+    if med(0.0) <= _MEDIAN_ABS_NORMAL:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    if med(hi) > _MEDIAN_ABS_NORMAL:
+        return 1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if med(mid) > _MEDIAN_ABS_NORMAL:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def robust_sigma(image: np.ndarray, *, max_samples: int = 65536) -> float:
@@ -412,6 +486,7 @@ class ZogyResult:
     flux, flux_err : PSF-photometry flux and its error (eq. 41), reference units
     f_d, f_s : flux zero point of D (eq. 15) and F_S (eq. 42)
     sigma_new, sigma_ref : background noise levels used
+    model_error : fractional model error ε of static sources used in S_corr
     """
 
     d: np.ndarray
@@ -424,10 +499,11 @@ class ZogyResult:
     f_s: float
     sigma_new: float
     sigma_ref: float
+    model_error: float = 0.0
 
 
 def zogy(new, ref, new_psf, ref_psf, *, new_var=None, ref_var=None, flux_ratio: float = 1.0,
-         astrometric_sigma=(0.0, 0.0), sigma_new: float | None = None,
+         astrometric_sigma=(0.0, 0.0), model_error=0.0, sigma_new: float | None = None,
          sigma_ref: float | None = None, dtype=np.float64, threads: int = 1) -> ZogyResult:
     """ZOGY proper subtraction of one background-subtracted image pair.
 
@@ -447,6 +523,10 @@ def zogy(new, ref, new_psf, ref_psf, *, new_var=None, ref_var=None, flux_ratio: 
         F_n / F_r with F_r = 1.
     astrometric_sigma : (float, float)
         Registration noise (sigma_x, sigma_y) in pixels (eqs. 30-33).
+    model_error : float or "auto"
+        Fractional error ε of the model of static sources (PSFs, flux scale):
+        ``ε² min(S_N, S_R)²`` joins the variance of S_corr; ``"auto"`` fits ε
+        to the bright static sources (:func:`fit_model_error`).  Default 0.
     sigma_new, sigma_ref : float, optional
         Background noise; default sqrt(median variance) when a variance map
         is given, else a sigma-clipped standard deviation of the image.
@@ -480,7 +560,9 @@ def zogy(new, ref, new_psf, ref_psf, *, new_var=None, ref_var=None, flux_ratio: 
         sigma_ref = math.sqrt(float(np.median(ref_var))) if ref_var is not None else robust_sigma(ref)
     has_var = new_var is not None or ref_var is not None
     sx, sy = (float(v) for v in astrometric_sigma)
-    split = sx > 0 or sy > 0
+    if model_error != "auto" and not (math.isfinite(float(model_error)) and float(model_error) >= 0):
+        raise InputError(f"model_error={model_error!r}: give a number >= 0 or 'auto'")
+    split = sx > 0 or sy > 0 or model_error == "auto" or float(model_error) > 0
     import numba
 
     old_threads = numba.get_num_threads()
@@ -501,9 +583,11 @@ def zogy(new, ref, new_psf, ref_psf, *, new_var=None, ref_var=None, flux_ratio: 
         from .tiles import Box
 
         out = sub.run(ks, Box(0, new.shape[0], 0, new.shape[1]),
-                      astrometric_sigma=(sx, sy), var_const=var_const)
+                      astrometric_sigma=(sx, sy), var_const=var_const,
+                      model_error=model_error)
     finally:
         numba.set_num_threads(old_threads)
     return ZogyResult(d=out["d"], psf_d=ks.psf_d, s=out["s"], scorr=out["scorr"],
                       flux=out["flux"], flux_err=out["flux_err"], f_d=ks.f_d, f_s=ks.f_s,
-                      sigma_new=float(sigma_new), sigma_ref=float(sigma_ref))
+                      sigma_new=float(sigma_new), sigma_ref=float(sigma_ref),
+                      model_error=float(out["model_error"]))
