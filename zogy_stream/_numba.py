@@ -166,12 +166,12 @@ def _prepare(new_w, ref_w, vn_w, vr_w, mn_w, mr_w, has_vn, has_vr, has_mn, has_m
 
 
 # ---------------------------------------------------------------------- masks
-@njit(inline="always", **_OPTS)
+@njit(**_OPTS)
 def _both_bad(m):
     return (m & BAD_NEW) != 0 and (m & BAD_REF) != 0 and (m & (SATURATED | USER)) == 0
 
 
-@njit(inline="always", **_OPTS)
+@njit(**_OPTS)
 def _seed(mask, a, b, thr_a, thr_b, y, x):
     """Whether pixel (y, x) seeds NEAR: saturated, user-masked or bad in one image only;
     or a pixel > thr in either image next to one bad in both (a source their common
@@ -197,10 +197,9 @@ def _grow_mask(mask, radius, tmp, out, a, b, thr_a, thr_b):
     source; OUTSIDE is not grown."""
     ly, lx = mask.shape
     bad = BAD_NEW | BAD_REF | SATURATED | USER
-    for y in prange(ly):  # seeds, in ``out`` until the last pass overwrites it
+    for y in prange(ly):  # seeds of the row (kept in ``out`` until the last pass), running count
         for x in range(lx):
             out[y, x] = 1 if _seed(mask, a, b, thr_a, thr_b, y, x) else 0
-    for y in prange(ly):  # horizontal running count
         cnt = 0
         for x in range(min(radius, lx)):
             cnt += out[y, x]
@@ -369,62 +368,6 @@ def _finish(planes, y0, y1, x0, x1, split, has_var, var_const, sx2, sy2, e2, inv
                 sc_out[i, j] = 0.0
             f_out[i, j] = s * inv_fs
             fe_out[i, j] = np.sqrt(max(v, 0.0)) * inv_fs
-
-
-@njit(**_OPTS)  # serial: a predictable skip over sky, not worth a parallel compile
-def _static_peaks(planes, y0, y1, x0, x1, has_var, var_const, sx2, sy2, mask, excl, nsig,
-                  s_out, v_out, m_out, counts):
-    """Peaks of static sources for the model-error fit.
-
-    ``planes`` as for :func:`_finish` with ``split``.  A peak is a local maximum
-    (8 neighbours) of ``m = min(S_N, S_R)`` on rows y0:y1, cols x0:x1 with
-    ``m > nsig * sqrt(V)``, where V includes the astrometric term, and
-    ``mask[y - y0, x - x0] & excl == 0``.  S, V and m of the peaks of row
-    ``y0 + i`` go to ``[i, :counts[i]]`` of the outputs (at most their width).
-    """
-    ly = planes.shape[1]
-    lx = planes.shape[2]
-    cap = s_out.shape[1]
-    k2 = nsig * nsig
-    # cheap first cut (predictable branch on noise): half the threshold at the
-    # background-only variance; a peak's own variance is rarely 4x lower
-    lo = 0.5 * nsig * np.sqrt(var_const)
-    for i in range(y1 - y0):
-        y = y0 + i
-        n = 0
-        counts[i] = 0
-        if y < 1 or y >= ly - 1:
-            continue
-        for x in range(max(x0, 1), min(x1, lx - 1)):
-            sr = planes[2, y, x]
-            if sr <= lo:
-                continue
-            m = min(planes[1, y, x], sr)
-            v = planes[3, y, x] if has_var else var_const
-            if m <= 0.0 or m * m <= k2 * v:
-                continue
-            if mask[y - y0, x - x0] & excl:
-                continue
-            peak = True
-            for dy in range(-1, 2):
-                for dx in range(-1, 2):
-                    if (dy != 0 or dx != 0) and min(planes[1, y + dy, x + dx],
-                                                    planes[2, y + dy, x + dx]) > m:
-                        peak = False
-            if not peak:
-                continue
-            if sx2 > 0.0 or sy2 > 0.0:
-                gxn = 0.5 * (planes[1, y, x + 1] - planes[1, y, x - 1])
-                gyn = 0.5 * (planes[1, y + 1, x] - planes[1, y - 1, x])
-                gxr = 0.5 * (planes[2, y, x + 1] - planes[2, y, x - 1])
-                gyr = 0.5 * (planes[2, y + 1, x] - planes[2, y - 1, x])
-                v += sx2 * (gxn * gxn + gxr * gxr) + sy2 * (gyn * gyn + gyr * gyr)
-            if n < cap:
-                s_out[i, n] = planes[1, y, x] - sr
-                v_out[i, n] = v
-                m_out[i, n] = m
-                n += 1
-        counts[i] = n
 
 
 # ------------------------------------------------------------- blank sky

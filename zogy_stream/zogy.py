@@ -390,13 +390,9 @@ class TileSubtractor:
         if model_error == "auto" and self.split:
             mask = (static_mask if static_mask is not None
                     else np.zeros(shape, np.uint8))
-            buf = np.empty((3, y1 - y0, _ROW_PEAKS))
-            counts = np.empty(y1 - y0, np.int64)
-            nk._static_peaks(planes, y0, y1, x0, x1, self.has_var, float(var_const),
-                             float(sx) ** 2, float(sy) ** 2, mask, int(exclude),
-                             MODEL_ERROR_NSIGMA, buf[0], buf[1], buf[2], counts)
-            sel = np.arange(_ROW_PEAKS)[None, :] < counts[:, None]
-            eps = fit_model_error(buf[0][sel], buf[1][sel], buf[2][sel])
+            eps = fit_model_error(*_static_peaks(planes, region, self.has_var, float(var_const),
+                                                 float(sx) ** 2, float(sy) ** 2, mask,
+                                                 int(exclude)))
             eps = 0.0 if not math.isfinite(eps) else eps
         elif model_error != "auto" and self.split:
             eps = float(model_error)
@@ -417,7 +413,40 @@ class TileSubtractor:
 MODEL_ERROR_NSIGMA = 20.0
 #: Fewer such sources in a tile than this: no model-error term there.
 MODEL_ERROR_MIN_SOURCES = 5
-_ROW_PEAKS = 8  # at most this many peaks per row enter the fit
+
+
+def _static_peaks(planes, region, has_var, var_const, sx2, sy2, mask, exclude):
+    """S, V and m = min(S_N, S_R) at the peaks of bright static sources in ``region``.
+
+    ``planes`` holds D, S_N, S_R (and V).  A peak is a local maximum of m over
+    its 8 neighbours with ``m > MODEL_ERROR_NSIGMA * sqrt(V)`` (V with the
+    astrometric term, eqs. 30-33) and ``mask & exclude == 0`` (``mask`` covers
+    ``region``).  Only pixels above half the threshold at the background-only
+    variance are examined: a handful per bright source.
+    """
+    ly, lx = planes.shape[1:]
+    y0, y1 = max(region.y0, 1), min(region.y1, ly - 1)
+    x0, x1 = max(region.x0, 1), min(region.x1, lx - 1)
+    sn, sr = planes[1], planes[2]
+    lo = 0.5 * MODEL_ERROR_NSIGMA * math.sqrt(var_const)
+    yy, xx = np.nonzero(sr[y0:y1, x0:x1] > lo)
+    yy += y0
+    xx += x0
+    m = np.minimum(sn[yy, xx], sr[yy, xx]).astype(np.float64)
+    v = (planes[3][yy, xx].astype(np.float64) if has_var else np.full(m.shape, var_const))
+    if sx2 > 0 or sy2 > 0:
+        def grad(p, dy, dx):
+            return 0.5 * (p[yy + dy, xx + dx].astype(np.float64) - p[yy - dy, xx - dx])
+        v = v + sx2 * (grad(sn, 0, 1) ** 2 + grad(sr, 0, 1) ** 2) \
+            + sy2 * (grad(sn, 1, 0) ** 2 + grad(sr, 1, 0) ** 2)
+    keep = (m > 0) & (m * m > MODEL_ERROR_NSIGMA ** 2 * v) \
+        & (mask[yy - region.y0, xx - region.x0] & exclude == 0)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                keep &= np.minimum(sn[yy + dy, xx + dx], sr[yy + dy, xx + dx]) <= m
+    s = (sn[yy, xx] - sr[yy, xx]).astype(np.float64)
+    return s[keep], v[keep], m[keep]
 _MEDIAN_ABS_NORMAL = 0.6744897501960817
 
 
