@@ -166,12 +166,12 @@ def _prepare(new_w, ref_w, vn_w, vr_w, mn_w, mr_w, has_vn, has_vr, has_mn, has_m
 
 
 # ---------------------------------------------------------------------- masks
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _both_bad(m):
     return (m & BAD_NEW) != 0 and (m & BAD_REF) != 0 and (m & (SATURATED | USER)) == 0
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _seed(mask, a, b, thr_a, thr_b, y, x):
     """Whether pixel (y, x) seeds NEAR: saturated, user-masked or bad in one image only;
     or a pixel > thr in either image next to one bad in both (a source their common
@@ -181,11 +181,13 @@ def _seed(mask, a, b, thr_a, thr_b, y, x):
         return True
     if m & (BAD_NEW | BAD_REF):
         return not _both_bad(m)
-    if m & OUTSIDE or not (a[y, x] > thr_a or b[y, x] > thr_b):
+    if m & OUTSIDE:
         return False
-    ly, lx = mask.shape
-    return ((y > 0 and _both_bad(mask[y - 1, x])) or (y + 1 < ly and _both_bad(mask[y + 1, x]))
-            or (x > 0 and _both_bad(mask[y, x - 1])) or (x + 1 < lx and _both_bad(mask[y, x + 1])))
+    ly, lx = mask.shape  # neighbours first: the image values are read next to a gap only
+    if not ((y > 0 and _both_bad(mask[y - 1, x])) or (y + 1 < ly and _both_bad(mask[y + 1, x]))
+            or (x > 0 and _both_bad(mask[y, x - 1])) or (x + 1 < lx and _both_bad(mask[y, x + 1]))):
+        return False
+    return a[y, x] > thr_a or b[y, x] > thr_b
 
 
 @njit(parallel=True, **_OPTS)
