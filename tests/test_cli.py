@@ -395,6 +395,8 @@ def _bad_cases():
             "--astrometric-sigma", "0.1"],
         "astrometric-sigma-negative": lambda s, o: args(s, o / "d.fits") + [
             "--astrometric-sigma", "0.1", "-0.1"],
+        "model-error-word": lambda s, o: args(s, o / "d.fits") + ["--model-error", "big"],
+        "model-error-above-1": lambda s, o: args(s, o / "d.fits") + ["--model-error", "2"],
         "threshold-zero": lambda s, o: args(s, o / "d.fits") + ["--threshold", "0"],
         "threads-0": lambda s, o: args(s, o / "d.fits") + ["--threads", "0"],
         "unknown-option": lambda s, o: args(s, o / "d.fits") + ["--frobnicate"],

@@ -461,23 +461,17 @@ def test_input_changed_while_processed(runner_env, scene):
     assert env.journal.get(job.id).state == "queued" and (env.cfg.inbox / "e1.fits").exists()
 
 
-def test_weight_sidecar_becomes_variance_and_mask(runner_env, scene):
+def test_weight_sidecar_passed_as_weight_map(runner_env, scene):
+    """No staged variance copy: the weight map goes to the subtraction as is (which masks
+    w <= 0 itself; tests/test_realworld.py), with the mask sidecar beside it."""
     env = runner_env
-    weight = np.full(SHAPE, 0.25, np.float32)
-    weight[10:20, 10:20] = 0
-    fits.writeto(env.cfg.inbox / "e1.weight.fits", weight)
-    seen = {}
-
-    def grab(n):
-        kw = env.calls[-1]
-        seen["var"] = fits.getdata(kw["new_var"])
-        seen["mask"] = fits.getdata(kw["new_mask"])
-
-    env.fault = grab
+    fits.writeto(env.cfg.inbox / "e1.weight.fits", np.full(SHAPE, 0.25, np.float32))
+    fits.writeto(env.cfg.inbox / "e1.mask.fits", np.zeros(SHAPE, np.int16))
     env.submit()
     assert env.runner.run(env.journal.claim()) == "done"
-    assert seen["var"][0, 0] == pytest.approx(4.0) and seen["var"][15, 15] == 0
-    assert seen["mask"][15, 15] == 1 and seen["mask"].sum() == 100
+    kw = env.calls[-1]
+    assert kw["new_weight"] == str(env.cfg.inbox / "e1.weight.fits")
+    assert kw["new_mask"] == str(env.cfg.inbox / "e1.mask.fits") and "new_var" not in kw
 
 
 def test_err_sidecar_passed_as_error_map(runner_env, scene):

@@ -218,8 +218,9 @@ def test_weight_maps_equal_variance_maps():
     a = list(stream(sc.new, sc.ref, new_var=sc.new_var, ref_var=sc.ref_var, **kw))
     wn = (1.0 / sc.new_var).astype(np.float32)
     wn[10, 20] = 0.0
+    wn[30, 40] = np.inf  # not a usable weight either
     b = list(stream(sc.new, sc.ref, new_weight=wn, ref_weight=1.0 / sc.ref_var, **kw))
-    assert b[0].mask[10, 20] & MaskBit.BAD_NEW
+    assert b[0].mask[10, 20] & MaskBit.BAD_NEW and b[0].mask[30, 40] & MaskBit.BAD_NEW
     good = (b[0].mask == 0) & (a[0].mask == 0)
     assert np.allclose(a[0].scorr[good], b[0].scorr[good], atol=1e-3)
 

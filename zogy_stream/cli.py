@@ -12,7 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import Cancelled, ZogyError
+from .errors import Cancelled, ConfigError, ZogyError
+from .options import word_or_number
 
 __all__ = ["main", "subtraction_parent", "subtract_kwargs"]
 
@@ -53,17 +54,18 @@ _positive_float = _number(float, 0, strict=True)
 _nonneg_float = _number(float, 0, strict=False)
 
 
-def _flux_ratio(text: str):
-    t = text.strip().lower()
-    if t in ("auto", "local"):
-        return t
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, auto or local, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
-    return v
+def _word_or_number(words: tuple[str, ...], ok, requirement: str):
+    """argparse type: one of ``words`` or a number satisfying ``ok`` (as Options checks it)."""
+    def parse(text: str):
+        try:
+            return word_or_number("value", text, words, ok, requirement)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("value: ")) from None
+    return parse
+
+
+_flux_ratio = _word_or_number(("auto", "local"), lambda v: v > 0, "> 0")
+_model_error = _word_or_number(("auto",), lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def _odd_int(text: str) -> int:
@@ -139,7 +141,7 @@ def subtraction_parent() -> argparse.ArgumentParser:
     g.add_argument("--no-registration", action="store_true",
                    help="do not fold the residual sub-pixel offset of matched stars into "
                         "NEW's PSF")
-    g.add_argument("--model-error", metavar="E|auto", default="auto",
+    g.add_argument("--model-error", metavar="E|auto", type=_model_error, default="auto",
                    help="fractional error of the PSF/flux model of static sources: "
                         "E^2 min(S_N, S_R)^2 joins the variance of S_corr so imperfectly "
                         "modelled bright stars leave no candidates (default auto: fitted per "

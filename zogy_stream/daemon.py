@@ -450,38 +450,6 @@ def check_finite(path: str | Path, hdu: str | None = None, rows: int = 256) -> N
     raise InputError(f"{Path(path).name}: the image has no finite pixel (all NaN/Inf)")
 
 
-def weight_to_variance(weight: Path, mask: Path | None, var_out: Path, mask_out: Path,
-                       rows: int = 256) -> tuple[Path, Path]:
-    """Write a variance map ``1/weight`` and a mask (weight <= 0 or non-finite, or ``mask`` != 0).
-
-    Streams ``rows`` rows at a time; masked pixels get variance 0.
-    """
-    with fits.open(weight, memmap=True, lazy_load_hdus=True) as wl, \
-            (fits.open(mask, memmap=True, lazy_load_hdus=True) if mask else contextlib.nullcontext()) as ml:
-        w = select_image_hdu(wl, None)
-        m = select_image_hdu(ml, None) if ml is not None else None
-        ny, nx = (int(n) for n in w.shape)
-
-        def header(bitpix: int) -> fits.Header:
-            return fits.Header([("SIMPLE", True), ("BITPIX", bitpix), ("NAXIS", 2), ("NAXIS1", nx),
-                                ("NAXIS2", ny)])
-        vs, ms = fits.StreamingHDU(str(var_out), header(-32)), fits.StreamingHDU(str(mask_out), header(16))
-        try:
-            for r0 in range(0, ny, rows):
-                block = np.asarray(w.section[r0:r0 + rows], dtype=np.float64)
-                bad = ~(np.isfinite(block) & (block > 0))
-                if m is not None:
-                    bad |= np.asarray(m.section[r0:r0 + rows]) != 0
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    var = np.where(bad, 0.0, 1.0 / np.where(bad, 1.0, block))
-                vs.write(var.astype(np.float32))
-                ms.write(bad.astype(np.int16))
-        finally:
-            vs.close()
-            ms.close()
-    return var_out, mask_out
-
-
 @contextlib.contextmanager
 def state_lock(state: Path, wait: float = 2.0) -> Iterator[None]:
     """Hold an exclusive lock on ``STATE.lock`` (one daemon per journal)."""
@@ -858,15 +826,13 @@ class JobRunner:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _side_inputs(self, side: Sidecars, prefix: str, staging: Path) -> dict[str, str]:
+    def _side_inputs(self, side: Sidecars, prefix: str) -> dict[str, str]:
         kw = {f"{prefix}_{kind}": str(path) for kind, path in
-              (("psf", side.psf), ("var", side.var), ("mask", side.mask)) if path is not None}
-        if side.weight is not None and side.var is None:
-            var, mask = weight_to_variance(side.weight, side.mask, staging / f"{prefix}.var.fits",
-                                           staging / f"{prefix}.mask.fits")
-            kw.update({f"{prefix}_var": str(var), f"{prefix}_mask": str(mask)})
-        elif side.err is not None and side.var is None:
-            kw[f"{prefix}_err"] = str(side.err)
+              (("psf", side.psf), ("mask", side.mask)) if path is not None}
+        noise = next(((k, p) for k, p in (("var", side.var), ("weight", side.weight),
+                                          ("err", side.err)) if p is not None), None)
+        if noise is not None:  # one noise map: variance, else weight, else 1-sigma error
+            kw[f"{prefix}_{noise[0]}"] = str(noise[1])
         return kw
 
     def _call(self, new: str, ref: str, out: str, kwargs: dict, job: Job) -> Any:
@@ -892,8 +858,8 @@ class JobRunner:
         staging.mkdir(parents=True)
         stem = image_stem(src.name) or src.stem
         kwargs = cfg.options
-        kwargs.update(self._side_inputs(find_sidecars(src), "new", staging))
-        kwargs.update(self._side_inputs(match.template.sidecars, "ref", staging))
+        kwargs.update(self._side_inputs(find_sidecars(src), "new"))
+        kwargs.update(self._side_inputs(match.template.sidecars, "ref"))
         products = {"zogy": staging / f"{stem}.zogy.fits"}
         if cfg.catalog:
             products["cands"] = kwargs["catalog"] = staging / f"{stem}.cands.ecsv"

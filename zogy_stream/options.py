@@ -21,6 +21,26 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def word_or_number(name: str, value, words: tuple[str, ...], ok, requirement: str):
+    """``value`` as one of ``words`` (any case) or as a finite float satisfying ``ok``.
+
+    Raises
+    ------
+    ConfigError
+        Neither; the message names the option and what it accepts.
+    """
+    if isinstance(value, str) and value.strip().lower() in words:
+        return value.strip().lower()
+    accepted = f"a number {requirement} or " + " or ".join(repr(w) for w in words)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {accepted}, got {value!r}") from None
+    if not (math.isfinite(v) and ok(v)):
+        raise ConfigError(f"{name}: expected {accepted}, got {value}")
+    return v
+
+
 @dataclass(frozen=True)
 class Options:
     """Processing options of :func:`zogy_stream.stream` / :func:`zogy_stream.subtract`.
@@ -160,28 +180,10 @@ class Options:
             if len(sig) != 2 or min(sig) < 0:
                 raise ConfigError(f"astrometric_sigma must be two values >= 0, got "
                                   f"{o.astrometric_sigma}")
-        fr = o.flux_ratio
-        if isinstance(fr, str) and fr.strip().lower() in ("auto", "local"):
-            fr = fr.strip().lower()
-        else:
-            try:
-                fr = float(fr)
-            except (TypeError, ValueError):
-                raise ConfigError(f"flux_ratio must be a number > 0, 'auto' or 'local', "
-                                  f"got {o.flux_ratio!r}") from None
-            if not fr > 0:
-                raise ConfigError(f"flux_ratio must be > 0, got {o.flux_ratio}")
-        me = o.model_error
-        if isinstance(me, str) and me.strip().lower() == "auto":
-            me = "auto"
-        else:
-            try:
-                me = float(me)
-            except (TypeError, ValueError):
-                raise ConfigError(f"model_error must be a number >= 0 or 'auto', "
-                                  f"got {o.model_error!r}") from None
-            if not (math.isfinite(me) and 0 <= me <= 1):
-                raise ConfigError(f"model_error must be in [0, 1] or 'auto', got {o.model_error}")
+        fr = word_or_number("flux_ratio", o.flux_ratio, ("auto", "local"),
+                             lambda v: v > 0, "> 0")
+        me = word_or_number("model_error", o.model_error, ("auto",),
+                             lambda v: 0 <= v <= 1, "in [0, 1]")
         cr = str(o.cosmic_rays).lower()
         if cr in ("true", "1", "yes"):
             cr = "on"

@@ -62,14 +62,16 @@ _NOISE_KINDS = ("var", "weight", "err")
 def _as_variance(kind: str, a: np.ndarray) -> np.ndarray:
     """Variance from a noise map: ``var`` as is, ``weight`` = 1/variance, ``err`` = 1-sigma.
 
-    Pixels whose weight or error is not positive come out NaN, which masks them.
+    Pixels whose weight or error is not positive and finite come out NaN, which
+    masks them.
     """
     if kind == "var":
         return a
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ok = (a > 0) & np.isfinite(a)
         if kind == "weight":
-            return np.where(a > 0, 1.0 / a, np.nan).astype(np.float32)
-        return np.where(a > 0, np.square(a, dtype=np.float32), np.nan).astype(np.float32)
+            return np.where(ok, 1.0 / a, np.nan).astype(np.float32)
+        return np.where(ok, np.square(a, dtype=np.float32), np.nan).astype(np.float32)
 
 
 @dataclass(frozen=True)

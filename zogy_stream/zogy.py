@@ -589,9 +589,17 @@ def zogy(new, ref, new_psf, ref_psf, *, new_var=None, ref_var=None, flux_ratio: 
         sigma_ref = math.sqrt(float(np.median(ref_var))) if ref_var is not None else robust_sigma(ref)
     has_var = new_var is not None or ref_var is not None
     sx, sy = (float(v) for v in astrometric_sigma)
-    if model_error != "auto" and not (math.isfinite(float(model_error)) and float(model_error) >= 0):
-        raise InputError(f"model_error={model_error!r}: give a number >= 0 or 'auto'")
-    split = sx > 0 or sy > 0 or model_error == "auto" or float(model_error) > 0
+    given = model_error
+    if isinstance(model_error, str) and model_error.strip().lower() == "auto":
+        model_error = "auto"
+    else:
+        try:
+            model_error = float(model_error)
+        except (TypeError, ValueError):
+            model_error = float("nan")
+        if not (math.isfinite(model_error) and model_error >= 0):
+            raise InputError(f"model_error={given!r}: give a number >= 0 or 'auto'")
+    split = sx > 0 or sy > 0 or model_error == "auto" or model_error > 0
     import numba
 
     old_threads = numba.get_num_threads()
