@@ -38,15 +38,30 @@ def _write_raw_int16(path, raw, **cards):
         fh.write(body + b"\0" * (-len(body) % 2880))
 
 
+def _no_pread(rd):
+    """Make ``rd`` read through its memory map (the path where there is no preadv)."""
+    if rd._fd is not None:
+        os.close(rd._fd)
+        rd._fd = None
+    return rd
+
+
 def _check_windows(path, expected, spec=None):
     assert expected.dtype.kind == "f"
-    with ImageReader(spec or str(path), label="T") as rd:
-        assert rd.shape == expected.shape
-        for box in BOXES:
-            got = rd.read(box)
-            assert got.dtype == np.float32 and got.dtype.isnative
-            assert got.shape == box.shape
-            np.testing.assert_array_equal(got, expected[box.slices].astype(np.float32))
+    for how in ("pread", "mmap"):
+        with ImageReader(spec or str(path), label="T") as rd:
+            if how == "mmap":
+                _no_pread(rd)
+            assert rd.shape == expected.shape
+            for box in BOXES:
+                got = rd.read(box)
+                assert got.dtype == np.float32 and got.dtype.isnative
+                assert got.shape == box.shape
+                np.testing.assert_array_equal(got, expected[box.slices].astype(np.float32))
+                for step in (2, 3):  # every step-th row and column
+                    np.testing.assert_array_equal(
+                        rd.read(box, step=step),
+                        expected[box.slices][::step, ::step].astype(np.float32))
 
 
 # ------------------------------------------------------------------- reading
@@ -203,6 +218,20 @@ def test_release_then_read(tmp_path):
         np.testing.assert_array_equal(rd.read(Box(0, 700, 0, 300)), data)
 
 
+def test_file_truncated_after_opening(tmp_path):
+    data = np.arange(40 * 50, dtype=">f4").reshape(40, 50)
+    path = tmp_path / "t.fits"
+    fits.PrimaryHDU(data).writeto(path)
+    with ImageReader(str(path), label="NEW") as rd:
+        np.testing.assert_array_equal(rd.read(Box(30, 40, 0, 50)), data[30:])
+        with open(path, "r+b") as fh:  # another process cuts the file short
+            fh.truncate(2880 + 20 * 50 * 4)
+        with pytest.raises(InputError, match="NEW: file ends before row 20"):
+            rd.read(Box(10, 40, 5, 20))
+        with pytest.raises(InputError, match="ends before row 30"):
+            rd.read(Box(30, 40, 0, 50))  # whole rows: one read
+
+
 def test_sample(tmp_path):
     rng = np.random.default_rng(8)
     data = rng.normal(size=(301, 257)).astype(np.float32)
@@ -220,6 +249,9 @@ def test_array_source():
         got = rd.read(Box(1, 3, 1, 3))
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, data[1:3, 1:3])
+        np.testing.assert_array_equal(rd.read(Box(0, 3, 0, 4), step=2), data[::2, ::2])
+        with pytest.raises(ValueError, match="step"):
+            rd.read(Box(0, 3, 0, 4), step=0)
     with pytest.raises(InputError):
         ImageReader(np.zeros((2, 3, 4)))
 
@@ -241,6 +273,8 @@ def test_tile_compressed(tmp_path, kind):
         assert rd.shape == data.shape
         for box in (Box(0, 130, 0, 90), Box(10, 47, 3, 60), Box(129, 130, 89, 90)):
             np.testing.assert_array_equal(rd.read(box), ref[box.slices].astype(np.float32))
+            np.testing.assert_array_equal(rd.read(box, step=3),
+                                          ref[box.slices][::3, ::3].astype(np.float32))
         np.testing.assert_array_equal(rd.sample(4), ref[::4, ::4].astype(np.float32))
 
 

@@ -684,6 +684,8 @@ def _flat_mask(img: np.ndarray, sigma: float, size: int = 5) -> np.ndarray | Non
     if min(a.shape) < size:
         return None
     eq = a[:, 1:] == a[:, :-1]
+    if not eq.any():  # float noise: no two neighbours equal (one pass, no more)
+        return None
     n = a.shape[1] - size + 1
     run = eq[:, :n].copy()
     for k in range(1, size - 1):  # size - 1 equal neighbours in a row: a run of `size`

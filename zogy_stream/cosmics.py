@@ -238,15 +238,6 @@ def _centre_crop(a, n):
     return a[cy - h:cy + h + 1, cx - h:cx + h + 1]
 
 
-def _profiles(a, window, across):
-    """Sums of ``a`` over the window in bins of the integer across-coordinate."""
-    t = across[window]
-    off = -t.min()
-    prof = np.bincount(t + off, weights=a[window])
-    cnt = np.bincount(t + off).astype(np.float64)
-    return prof, cnt, off
-
-
 def _peak_ratio_1d(prof, cnt, pprof, centre):
     """Observed over fitted peak for ``prof = A * pprof(shifted) + B * cnt``.
 
@@ -273,6 +264,41 @@ def _peak_ratio_1d(prof, cnt, pprof, centre):
         return float("nan"), float("nan"), j
     excess = prof[j] - back * cnt[j] - amp * p[j]
     return float((prof[j] - back * cnt[j]) / (amp * p[j])), float(excess), j
+
+
+def _peak_ratios(ys, cnt, pprof, centre):
+    """:func:`_peak_ratio_1d` of several profiles ``ys`` (rows) at once.
+
+    The three shifted PSF profiles and ``cnt`` form one design shared by every
+    row, so the normal equations are solved for all rows and shifts together.
+    """
+    m = pprof.size
+    design = np.zeros((3, m))  # PSF profile shifted by -1, 0, +1 bins, zero-filled
+    design[0, :-1] = pprof[1:]
+    design[1] = pprof
+    design[2, 1:] = pprof[:-1]
+    aa = np.einsum("ij,ij->i", design, design)
+    ab = design @ cnt
+    bb = float(cnt @ cnt)
+    det = aa * bb - ab * ab
+    if not np.all((det > 1e-12 * aa * bb) & (det > 0)):  # rank-deficient: one by one
+        return [_peak_ratio_1d(y, cnt, pprof, centre) for y in ys]
+    ay = design @ ys.T  # (shift, row)
+    by = ys @ cnt
+    amp = (bb * ay - ab[:, None] * by) / det[:, None]
+    back = (aa[:, None] * by - ab[:, None] * ay) / det[:, None]
+    fit = amp[:, :, None] * design[:, None, :] + back[:, :, None] * cnt
+    best = np.argmin(np.sum((fit - ys) ** 2, axis=2), axis=0)  # first minimum, as -1, 0, +1
+    out = []
+    for q, kk in enumerate(best):
+        j = centre + int(kk) - 1
+        a, b, pj = amp[kk, q], back[kk, q], design[kk, j]
+        if not (a > 0 and pj > 0):
+            out.append((float("nan"), float("nan"), j))
+            continue
+        excess = ys[q, j] - b * cnt[j] - a * pj
+        out.append((float((ys[q, j] - b * cnt[j]) / (a * pj)), float(excess), j))
+    return out
 
 
 def _lsq2(a, b, y):
@@ -332,13 +358,16 @@ def _directional(stamp, psf, noise):
     delta = np.zeros_like(s)
     delta[c, c] = 1.0
     out = []
+    sw, pw, dw, vw = s[window], p[window], delta[window], var[window]
     for across in (yy, xx, xx - yy, xx + yy):
-        sprof, cnt, off = _profiles(s, window, across)
-        pprof, _, _ = _profiles(p, window, across)
-        dprof, _, _ = _profiles(delta, window, across)
-        vprof, _, _ = _profiles(var, window, across)
-        r, excess, j = _peak_ratio_1d(sprof, cnt, pprof, off)
-        r_delta, _, _ = _peak_ratio_1d(dprof, cnt, pprof, off)
+        t = across[window]
+        off = -int(t.min())
+        t = t + off
+        cnt = np.bincount(t).astype(np.float64)
+        pprof = np.bincount(t, weights=pw)
+        vprof = np.bincount(t, weights=vw)
+        (r, excess, j), (r_delta, _, _) = _peak_ratios(
+            np.stack([np.bincount(t, weights=sw), np.bincount(t, weights=dw)]), cnt, pprof, off)
         if np.isfinite(r) and np.isfinite(r_delta) and r_delta > 1.0:
             z = excess / np.sqrt(vprof[j]) if vprof[j] > 0 else np.inf
             out.append(((r - 1.0) / (r_delta - 1.0), float(z)))

@@ -3,9 +3,11 @@
 Reading
     :class:`ImageReader` opens a 2-D image HDU once, fixes byte order and
     BSCALE/BZERO/BLANK there, and hands out windows as native float32 arrays.
-    Uncompressed HDUs are read through a read-only memory map of the data
-    area; pages of finished tiles are released (``madvise``) so resident
-    memory stays set by the tile size, not the mosaic size.  Tile-compressed
+    Windows of uncompressed HDUs are read row by row with ``pread`` into a
+    reused buffer (nothing stays resident but that buffer and the window);
+    a read-only memory map of the data area serves sparse samples, and the
+    windows too where there is no ``preadv``, its pages released
+    (``madvise``) as they are copied.  Tile-compressed
     HDUs (fpack/RICE) are read window by window through astropy's
     ``.section`` and never decompressed whole.  Plain arrays are accepted too.
 
@@ -109,6 +111,9 @@ class ImageReader:
         self._scale = (1.0, 0.0)
         self._blank: int | None = None
         self._data_offset = 0
+        self._fd: int | None = None  # pread() of uncompressed windows
+        self._file_offset = 0
+        self._scratch: np.ndarray | None = None
         if isinstance(source, np.ndarray) or hasattr(source, "__array__") and not isinstance(
             source, (str, os.PathLike)
         ):
@@ -177,6 +182,9 @@ class ImageReader:
                                  access=mmap.ACCESS_READ)
         self._raw = np.frombuffer(self._mm, dtype=dtype, count=shape2[0] * shape2[1],
                                   offset=self._data_offset).reshape(shape2)
+        if hasattr(os, "preadv"):
+            self._fd = os.open(path, os.O_RDONLY)
+            self._file_offset = offset
 
     def _set_scaling(self, header, bitpix: int) -> None:
         try:
@@ -187,32 +195,81 @@ class ImageReader:
             self._blank = int(header["BLANK"])
 
     # ------------------------------------------------------------------ reading
-    def read(self, box: Box) -> np.ndarray:
+    def read(self, box: Box, *, step: int = 1) -> np.ndarray:
         """Return the pixels of ``box`` (inside the image) as native float32.
 
-        BSCALE/BZERO are applied and BLANK pixels become NaN.
+        BSCALE/BZERO are applied and BLANK pixels become NaN.  With ``step`` > 1
+        only every ``step``-th row and column of the box is returned (rows
+        skipped are not read).  Uncompressed files are read row by row with
+        ``pread`` through one scratch buffer: one thread at a time per reader.
+
+        Raises
+        ------
+        InputError
+            A compressed tile cannot be decompressed, or the file was
+            truncated after it was opened.
         """
+        step = int(step)
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        if self._fd is not None:
+            return self._read_rows(box, step)
         if self._section is not None:
             try:
-                raw = np.asarray(self._section[box.slices])
+                raw = np.asarray(self._section[box.slices])[::step, ::step]
             except Exception as exc:  # astropy raises assorted errors on corrupt tiles
                 raise InputError(f"{self.label}: cannot decompress rows {box.y0}-{box.y1} "
                                  f"({exc})") from None
         elif self._mm is not None:
-            return self._read_mapped(box)
+            return self._read_mapped(box, step)
         else:
-            raw = self._raw[box.slices]
+            raw = self._raw[box.y0:box.y1:step, box.x0:box.x1:step]
         return self._scale_raw(raw, raw.astype(np.float32))
 
-    def _read_mapped(self, box: Box) -> np.ndarray:
-        # The kernel maps whole rows around each faulting page (fault-around),
-        # so copy in bands of rows and drop each band's pages at once:
-        # resident memory stays ~_CHUNK_ROWS x width, whatever the window.
-        out = np.empty(box.shape, dtype=np.float32)
-        for y in range(box.y0, box.y1, _CHUNK_ROWS):
-            y1 = min(y + _CHUNK_ROWS, box.y1)
-            raw = self._raw[y:y1, box.x0:box.x1]
-            part = out[y - box.y0:y1 - box.y0]
+    def _read_rows(self, box: Box, step: int) -> np.ndarray:
+        # One pread per row (one for the whole box when its rows are contiguous
+        # in the file) into a reused raw buffer, then one converting copy: no
+        # page faults, no TLB shoot-downs, nothing mapped to release.  Measured
+        # at 8192^2 on the project's VM: ~0.3 s less system time per GiB than
+        # copying out of the memory map, more with other threads running.
+        rows = range(box.y0, box.y1, step)
+        w = box.x1 - box.x0
+        dt = self._raw.dtype
+        need = len(rows) * w
+        if self._scratch is None or self._scratch.size < need:
+            self._scratch = np.empty(need, dtype=dt)
+        raw = self._scratch[:need].reshape(len(rows), w)
+        row_bytes = self._raw.strides[0]
+        at = self._file_offset + box.x0 * dt.itemsize
+        if step == 1 and w == self.shape[1]:
+            self._pread(raw.reshape(-1), at + box.y0 * row_bytes, box.y0)
+        else:
+            for i, y in enumerate(rows):
+                self._pread(raw[i], at + y * row_bytes, y)
+        if step > 1:
+            raw = raw[:, ::step]
+        return self._scale_raw(raw, raw.astype(np.float32))
+
+    def _pread(self, buf: np.ndarray, at: int, row: int) -> None:
+        view = memoryview(buf).cast("B")
+        done = 0
+        while done < len(view):  # regular files return short counts only at EOF
+            n = os.preadv(self._fd, (view[done:],), at + done)
+            if n <= 0:
+                raise InputError(f"{self.label}: file ends before row {row} "
+                                 "(truncated after it was opened?)")
+            done += n
+
+    def _read_mapped(self, box: Box, step: int) -> np.ndarray:
+        # (Where there is no preadv.) The kernel maps whole rows around each
+        # faulting page (fault-around), so copy in bands of rows and drop each
+        # band's pages at once: resident memory stays ~_CHUNK_ROWS x width.
+        out = np.empty((-(-box.shape[0] // step), -(-box.shape[1] // step)), dtype=np.float32)
+        band = _CHUNK_ROWS - _CHUNK_ROWS % step or step
+        for y in range(box.y0, box.y1, band):
+            y1 = min(y + band, box.y1)
+            raw = self._raw[y:y1:step, box.x0:box.x1:step]
+            part = out[(y - box.y0) // step:(y - box.y0) // step + raw.shape[0]]
             part[...] = raw  # native order, one copy
             self._scale_raw(raw, part)
             release_rows(self._mm, self._data_offset, self._raw.strides[0], y, y1)
@@ -259,6 +316,10 @@ class ImageReader:
 
     def close(self) -> None:
         self._raw = None
+        self._scratch = None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
         if self._mm is not None:
             try:
                 self._mm.close()

@@ -1,0 +1,67 @@
+"""Mesh background: cell statistics from a regular subsample, against the truth."""
+import math
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from zogy_stream.background import _TRUNC, MeshBackground, _clipped_stats
+from zogy_stream.fitsio import ImageReader
+
+SIGMA = 7.0
+
+
+def _sky(shape, seed=3):
+    """A sloped sky with a broad bump, Gaussian noise and bright point sources."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    sky = 500.0 + 0.02 * xx - 0.01 * yy + 30.0 * np.exp(-((xx - 300) ** 2 + (yy - 200) ** 2)
+                                                        / (2 * 150.0 ** 2))
+    img = sky + rng.normal(0.0, SIGMA, shape)
+    for y, x in rng.integers(5, min(shape) - 5, (60, 2)):  # stars: clipped away
+        img[y - 2:y + 3, x - 2:x + 3] += 2000.0
+    return img.astype(np.float32), sky
+
+
+@pytest.mark.parametrize("cell, step", [(64, 1), (128, 1), (256, 2), (512, 4)])
+def test_subsample_step(cell, step):
+    img, _ = _sky((64, 64))
+    assert MeshBackground(ImageReader(img), cell=cell).step == step
+
+
+@pytest.mark.parametrize("source", ["array", "fits"])
+def test_cells_match_truth_and_full_resolution(tmp_path, source):
+    shape, cell = (768, 1024), 256
+    img, sky = _sky(shape)
+    if source == "fits":
+        path = tmp_path / "sky.fits"
+        fits.PrimaryHDU(img.astype(">f4")).writeto(path)
+        src = str(path)
+    else:
+        src = img
+    mesh = MeshBackground(ImageReader(src), cell=cell)
+    assert mesh.step == 2
+    mesh.warm(shape[0])  # nothing computed yet: the first cell row
+    for i in range(shape[0] // cell):
+        mesh.mesh(mesh_box(i, cell, shape))
+    assert np.all(np.isfinite(mesh._bkg)) and np.all(np.isfinite(mesh._rms))
+    # one subsampled cell (128^2 pixels) is good to ~sigma/128; allow 5x that
+    # for the truth and for the full-resolution statistics of the same cell
+    tol = 5 * SIGMA / 128
+    for i in range(shape[0] // cell):
+        for j in range(shape[1] // cell):
+            sl = np.s_[i * cell:(i + 1) * cell, j * cell:(j + 1) * cell]
+            assert abs(mesh._bkg[i, j] - sky[sl].mean()) < tol + 0.01 * SIGMA
+            full, std, n = _clipped_stats(img, sl[0].start, sl[0].stop, sl[1].start,
+                                          sl[1].stop, 1, math.inf, 3.0, 8)
+            assert n > 0.9 * cell * cell
+            assert abs(mesh._bkg[i, j] - full) < tol
+            # the cell rms includes the sky's own variation across the cell
+            assert mesh._rms[i, j] == pytest.approx(std / _TRUNC, rel=0.03)
+            assert SIGMA * 0.97 < mesh._rms[i, j] < math.hypot(SIGMA, sky[sl].std()) * 1.1
+
+
+def mesh_box(i, cell, shape):
+    from zogy_stream.tiles import Box
+
+    return Box(i * cell, min((i + 1) * cell, shape[0]), 0, shape[1])
