@@ -138,6 +138,35 @@ def test_no_false_hits_on_clean_frames(fwhm):
 
 
 @needs_astroscrappy
+@pytest.mark.parametrize("fwhm", [2.5, 3.5, 5.0])
+@pytest.mark.parametrize("flux", [3e4, 1.5e5])
+def test_stars_on_the_border_spared(fwhm, flux):
+    """Bright stars centred 2-6 px from the image border (cut by it) are not hits;
+    hits next to the border and near a corner still are (a hit in the border
+    row itself may be missed: the pipeline masks around any border pixel that
+    bright anyway).  Without extending the image first, L.A.Cosmic flagged the
+    cores of such stars (here 190-390 pixels; a real DECam frame: 38 pixels of
+    a FWHM-3.5 star 5 px from the border)."""
+    shape = (160, 160)
+    rng = np.random.default_rng(11)
+    xs = np.array([5.0, 80.0, 154.0, 2.0, 40.0, 120.0, 156.0, 60.0, 100.0])
+    ys = np.array([40.0, 3.0, 90.0, 120.0, 156.0, 155.0, 20.0, 60.0, 100.0])
+    clean = gaussian_stars(shape, xs, ys, np.full(xs.size, flux), fwhm) + SKY
+    img = (rng.poisson(clean * GAIN) + rng.normal(0.0, READ_NOISE, shape)) / GAIN
+    stars = _near_stars(shape, xs, ys, 3 * fwhm)
+    for fw in (fwhm, None):
+        cr = detect_cosmic_rays(img, gain=GAIN, read_noise=READ_NOISE, fwhm=fw)
+        assert not (cr & stars).any(), fw
+    hit = img.copy()
+    hit[1, 100] += 1500.0
+    hit[158, 1] += 1500.0
+    hit[70, 158] += 1500.0
+    cr = detect_cosmic_rays(hit, gain=GAIN, read_noise=READ_NOISE, fwhm=fwhm)
+    assert cr[1, 100] and cr[158, 1] and cr[70, 158]
+    assert not (cr & stars).any()
+
+
+@needs_astroscrappy
 def test_sky_subtracted_input_and_mask(scene):
     fwhm, img, xs, ys, flux, hits = scene
     ref = detect_cosmic_rays(img, gain=GAIN, read_noise=READ_NOISE, saturation=SATURATION)

@@ -322,6 +322,50 @@ def test_source_cut_by_the_border_gives_no_candidate(monkeypatch):
     assert len(bare) >= 1 and np.max(np.abs(bare["scorr"])) > 10  # what it guards against
 
 
+@pytest.mark.parametrize("side", ["left", "top", "right", "bottom"])
+def test_bright_source_near_the_border_masked_over_its_footprint(side):
+    """A star centred 3 px inside the border, bright enough to be cut by it: NEAR
+    covers its whole > 5 sigma footprint widened by the radius (the square of
+    ``radius`` around the hot border pixels alone ended inside the star), and
+    a fainter star whose border pixels stay below 10 sigma is left alone."""
+    import zogy_stream.pipeline as pl
+    from zogy_stream.tiles import TileGrid
+
+    n, sig, radius = 96, 10.0, 4
+    y, x = np.indices((n, n), dtype=float)
+    s = 4.0 / 2.3548
+
+    def star(flux, cy, cx):
+        return flux / (2 * np.pi * s * s) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s * s))
+
+    where = {"left": (30, 3), "top": (3, 30), "right": (30, n - 4), "bottom": (n - 4, 30)}
+    bright = star(3e6, *where[side])
+    faint = star(3e3, *((80, 3) if side in ("left", "right") else (3, 80)))
+    if side in ("right", "bottom"):
+        faint = faint[::-1, ::-1]
+    img = (bright + faint).astype(np.float32)
+    tile = next(iter(TileGrid((n, n), 128, 8)))
+    w = tile.window
+    planes = np.zeros((2, w.y1 - w.y0, w.x1 - w.x0), np.float32)
+    vin = tile.valid_in_window
+    planes[0][vin.slices] = img
+    grown = np.zeros(planes.shape[1:], np.uint8)
+    grown[:] = MaskBit.OUTSIDE
+    grown[vin.slices] = 0
+    pl._cut_sources(planes, grown, tile, (n, n), (sig, sig), radius)
+    near = (grown[vin.slices] & MaskBit.NEAR) != 0
+    foot = bright > 5 * sig  # the star's footprint
+    depth = {"left": x[foot].max(), "top": y[foot].max(), "right": n - 1 - x[foot].min(),
+             "bottom": n - 1 - y[foot].min()}[side]
+    assert depth > radius + 2  # the star reaches further in than the old square
+    grow = np.zeros((n, n), bool)
+    for yy, xx in zip(*np.nonzero(foot)):
+        grow[max(0, yy - radius):yy + radius + 1, max(0, xx - radius):xx + radius + 1] = True
+    assert near[grow].all()
+    assert not near[faint > 5 * sig].any()  # border pixels < 10 sigma: not cut
+    assert near.sum() < 3 * grow.sum()
+
+
 def test_settled_and_unsettled_outputs_are_identical(tmp_path):
     """Writing finished row bands back to disk mid-run (the default) changes nothing in
     the output; --no-settle only leaves the write-back to the kernel."""

@@ -261,18 +261,35 @@ def test_bosque_alegre_null_test(shared_data, tmp_path):
     assert h["ASTSRC"] == "auto" and 0 < h["ASTSIGX"] < 0.1
 
 
-def test_decam_resampled_null_test(shared_data, tmp_path):
-    """Resampled, sky-subtracted DECam cut-outs with 4-5 stars each: a Moffat PSF fitted
-    to the few stars (an error before), cosmic rays found with a noise model that
-    accounts for the subtracted sky (99.8 % of pixels were flagged before)."""
+@pytest.mark.parametrize("pair", "abcde")
+def test_decam_resampled_pairs(shared_data, tmp_path, pair):
+    """Resampled, sky-subtracted DECam cut-outs with 4-5 stars each, images only: a
+    Moffat PSF fitted to the few stars (an error before), cosmic rays found with a
+    noise model that accounts for the subtracted sky (99.8 % of pixels were flagged
+    before).  A source at the centre of the cut-outs is in all five science images
+    and in none of the references (the transient the cut-outs are centred on): it
+    must come first in a-d.  Pair e's science image holds a satellite trail (real
+    positive residuals) that outranks it.  Before: in pair a a star 5 px from the
+    border had its core flagged as a cosmic ray (S_corr 23 residual ranked first),
+    and in pairs c and e the flux ratio fell back to 1.0 (4 matched stars; the
+    transient was missed in c)."""
     d = shared_data / "decam_n6"
-    s = subtract(d / "DEC-OBS04a.mini.fits", d / "DEC-OBS18a.mini.fits", tmp_path / "o.fits",
-                 wisdom=False)
+    s = subtract(d / f"DEC-OBS04{pair}.mini.fits", d / f"DEC-OBS18{pair}.mini.fits",
+                 tmp_path / "o.fits", catalog=tmp_path / "c.ecsv", wisdom=False)
     std, mask = _blank_std(s.out)
     assert 0.8 < std < 1.25
-    assert s.n_candidates <= 8    # measured 3 (2-12 over five science x reference pairs)
     assert s.header["NPSFSRC"] == "auto" and s.header["RPSFSRC"] == "auto"
+    assert s.header["FLUXRSRC"] == "auto" and 1.0 < s.header["FLUXRAT"] < 1.15
     assert s.header["COSMNEW"] and np.mean(mask & int(MaskBit.COSMIC) > 0) < 0.01
+    cat = Table.read(tmp_path / "c.ecsv")
+    order = np.argsort(-np.abs(np.asarray(cat["scorr"])))
+    hit = np.hypot(np.asarray(cat["x"]) - 129.5, np.asarray(cat["y"]) - 128.0) < 2.5
+    assert hit.any() and cat["scorr"][hit].max() > 5
+    if pair != "e":
+        assert hit[order[0]]
+        assert s.n_candidates <= 8    # measured 1-6
+    else:
+        assert s.n_candidates <= 12   # measured 10
 
 
 def test_saturation_level_detected_without_keyword(tmp_path):
@@ -380,3 +397,36 @@ def test_fpack_inputs_through_the_whole_flow(tmp_path, monkeypatch):
     hi = np.asarray(t["expected_snr"]) >= 7
     assert np.mean(np.asarray(peaks)[hi] >= 5) >= 0.9
     assert 0.92 < np.median(np.asarray(ratios)[hi]) < 1.08
+
+
+@pytest.mark.parametrize("n_stars", [1, 3])
+def test_flux_ratio_from_a_few_stars(n_stars, caplog):
+    """A small frame with fewer than the 5 stars of the regular fit: 2-4 stars
+    still give their ratio (with a warning), far closer than the 1.0 fallback,
+    which is left for frames with fewer than 2."""
+    import logging
+
+    from conftest import add_source, gaussian
+    from zogy_stream import calibrate as cb
+    from zogy_stream.stars import find_stars
+    from zogy_stream.tiles import Box
+
+    shape = (192, 192)
+    imgs = []
+    for fwhm, scale, seed in ((4.0, 1.3, 1), (3.0, 1.0, 2)):
+        img = np.random.default_rng(seed).normal(0.0, 10.0, shape)
+        for k, (y, x) in enumerate([(40, 50), (120, 140), (150, 60)][:n_stars]):
+            add_source(img, gaussian(fwhm, 31), scale * 2e5 * (1 + k), y, x)
+        imgs.append(img.astype(np.float32))
+    box = Box(0, shape[0], 0, shape[1])
+    regions = [[cb.RegionStars(box, img, find_stars(img, gain=1.0, threshold=5.0),
+                               saturation=np.inf)] for img in imgs]
+    with caplog.at_level(logging.WARNING, logger="zogy_stream"):
+        ratio, err, n, src = cb.fit_global_flux_ratio(*regions)
+    if n_stars == 1:
+        assert (ratio, n, src) == (1.0, 0, "default")
+        assert "cannot fit the flux ratio" in caplog.text
+    else:
+        assert src == "auto" and n == n_stars
+        assert ratio == pytest.approx(1.3, rel=0.03), (ratio, err)
+        assert "from only 3 matched stars" in caplog.text

@@ -45,6 +45,9 @@ MIN_LOCAL_STARS = 8
 MIN_GLOBAL_STARS = 10
 #: most (brightest) stars per region with PSF fluxes for the flux ratio
 MAX_RATIO_STARS = 300
+#: fewest matched stars whose flux ratio is used (with a warning) when the
+#: regular fit (5 stars) is impossible
+MIN_FEW_RATIO_STARS = 2
 
 
 def pad_psf(psf: np.ndarray, size: int) -> np.ndarray:
@@ -463,6 +466,16 @@ def fit_global_flux_ratio(new_regions, ref_regions, *, psfs=None, gains=(None, N
         fit = partial(fit_flux_ratio, snr_min=snr_min, columns=("psf_flux", "psf_flux_err"),
                       aperture_correction=False)
     res, reason = _fit_matched(new_regions, ref_regions, fit)
+    if res is None:
+        # a small frame may hold only a few good stars: their (weighted, clipped)
+        # ratio is still far closer to the truth than 1.0, which leaves every
+        # star of the frame as a residual when the transparency differs
+        res, _ = _fit_matched(new_regions, ref_regions,
+                              partial(fit, min_stars=MIN_FEW_RATIO_STARS))
+        if res is not None:
+            log.warning("flux ratio F_n/F_r = %.4f +- %.4f from only %d matched stars (%s); "
+                        "check it, or give --flux-ratio", res[0], res[1], res[2],
+                        reason.split(";")[0])
     if res is None:
         log.warning("cannot fit the flux ratio (%s); using 1.0 (give --flux-ratio)", reason)
         return 1.0, float("nan"), 0, "default"

@@ -165,10 +165,24 @@ def detect_cosmic_rays(image, *, gain=1.0, read_noise=5.0, saturation=None, sigc
     _positive("min_significance", min_significance, allow_zero=True)
     if not isinstance(grow, (int, np.integer)) or grow < 0:
         raise InputError(f"grow={grow!r} must be a non-negative integer")
+    # Extend the image beyond its borders first (each border pixel repeated
+    # outwards): L.A.Cosmic's filters otherwise see a star near the border
+    # as cut by a sharp edge and flag its core (a real DECam frame: 38 pixels
+    # of a FWHM-3.5 star 5 px from the border).  Repeating the border keeps
+    # stars centred >= 2 px inside unflagged; mirroring did not (tested).
+    pad = _EDGE_PAD if fwhm is None else max(_EDGE_PAD, int(2 * np.ceil(1.5 * fwhm) + 1))
+    if pad > 0:
+        data_p = np.pad(data, pad, mode="edge")
+        kwargs["inmask"] = np.pad(bad, pad, mode="edge")
+    else:
+        data_p = data
     try:
-        crmask, clean = astroscrappy.detect_cosmics(data, **kwargs)
+        crmask, clean = astroscrappy.detect_cosmics(data_p, **kwargs)
     except Exception as exc:  # pragma: no cover - library failure
         raise ProcessingError(f"astroscrappy failed: {exc}") from exc
+    if pad > 0:
+        crmask = np.asarray(crmask)[pad:-pad, pad:-pad]
+        clean = np.asarray(clean)[pad:-pad, pad:-pad]
     crmask = np.asarray(crmask, dtype=bool) & ~bad
     n_raw = int(crmask.sum())
     if crmask.any() and min_significance > 0:
@@ -182,6 +196,9 @@ def detect_cosmic_rays(image, *, gain=1.0, read_noise=5.0, saturation=None, sigc
     log.debug("L.A.Cosmic flagged %d pixels, %d after the significance test and growth",
               n_raw, int(crmask.sum()))
     return crmask
+
+
+_EDGE_PAD = 8  # pixels of extended image around the one given to L.A.Cosmic (at least)
 
 
 def _missing_sky(data, bad, gain, read_noise) -> float:

@@ -654,38 +654,64 @@ _CUT_NSIGMA = 10.0  # a border pixel this far above the sky is a source cut by t
 
 
 def _cut_sources(inputs, grown, tile, shape, sigmas, radius) -> None:
-    """Mark NEAR (no candidates) within ``radius`` of bright sources cut by the image border.
+    """Mark NEAR (no candidates) around bright sources cut by the image border.
 
     Convolving a source that the border truncates cannot cancel between the two
     images (the kernels see a hard edge where the source's light stops), so a
-    bright star on the border leaves residuals of high significance out to the
-    kernel radius.  A border pixel more than ``_CUT_NSIGMA`` sigma above the
-    sky in either background-subtracted image marks such a source.  Only the
-    image's own border rows/columns are tested, so the result does not depend
-    on the tiling.
+    bright star on the border leaves residuals of high significance over its
+    whole footprint and out to the kernel radius around it.  A border pixel
+    more than ``_CUT_NSIGMA`` sigma above the sky in either
+    background-subtracted image marks such a source; its footprint is the
+    connected region above ``_CUT_FOLLOW`` sigma (in either image) that
+    contains it, within ``_CUT_DEPTH`` kernel radii of the border, and NEAR
+    covers that footprint widened by ``radius``.  Only the image's own border
+    rows/columns seed it, so the result does not depend on the tiling.
     """
+    from scipy import ndimage
+
     v, w = tile.valid, tile.window
     ny, nx = shape
-    lines = []  # (rows, cols) of the image border inside this tile's valid area, window coords
+    iy0, iy1, ix0, ix1 = v.y0 - w.y0, v.y1 - w.y0, v.x0 - w.x0, v.x1 - w.x0
+    depth = _CUT_DEPTH * radius
+    # (band along a border in window coordinates, index of the border line in it)
+    bands = []
     if v.y0 == 0:
-        lines.append((slice(v.y0 - w.y0, v.y0 - w.y0 + 1), slice(v.x0 - w.x0, v.x1 - w.x0)))
+        bands.append(((slice(iy0, min(iy1, iy0 + depth)), slice(ix0, ix1)), (0, None)))
     if v.y1 == ny:
-        lines.append((slice(v.y1 - 1 - w.y0, v.y1 - w.y0), slice(v.x0 - w.x0, v.x1 - w.x0)))
+        bands.append(((slice(max(iy0, iy1 - depth), iy1), slice(ix0, ix1)), (-1, None)))
     if v.x0 == 0:
-        lines.append((slice(v.y0 - w.y0, v.y1 - w.y0), slice(v.x0 - w.x0, v.x0 - w.x0 + 1)))
+        bands.append(((slice(iy0, iy1), slice(ix0, min(ix1, ix0 + depth))), (None, 0)))
     if v.x1 == nx:
-        lines.append((slice(v.y0 - w.y0, v.y1 - w.y0), slice(v.x1 - 1 - w.x0, v.x1 - w.x0)))
+        bands.append(((slice(iy0, iy1), slice(max(ix0, ix1 - depth), ix1)), (None, -1)))
     near = np.uint8(MaskBit.NEAR)
     ly, lx = grown.shape
-    for sl in lines:
-        hot = np.zeros(inputs[0][sl].shape, bool)
-        for k in (0, 1):
-            hot |= (inputs[k][sl] > _CUT_NSIGMA * sigmas[k]) & (grown[sl] & int(MaskBit.OUTSIDE) == 0)
-        for yy, xx in zip(*np.nonzero(hot)):
-            y, x = sl[0].start + yy, sl[1].start + xx
-            g = grown[max(0, y - radius):min(ly, y + radius + 1),
-                      max(0, x - radius):min(lx, x + radius + 1)]
-            g |= near
+    a, b = inputs[0], inputs[1]
+    for sl, (ry, rx) in bands:
+        line = (slice(ry, ry + 1 or None) if ry is not None else slice(None),
+                slice(rx, rx + 1 or None) if rx is not None else slice(None))
+        inside = (grown[sl] & int(MaskBit.OUTSIDE)) == 0
+        hot = np.zeros(a[sl].shape, bool)
+        hot[line] = (((a[sl][line] > _CUT_NSIGMA * sigmas[0])
+                      | (b[sl][line] > _CUT_NSIGMA * sigmas[1])) & inside[line])
+        if not hot.any():
+            continue
+        above = ((a[sl] > _CUT_FOLLOW * sigmas[0]) | (b[sl] > _CUT_FOLLOW * sigmas[1])) & inside
+        lab, _ = ndimage.label(above | hot, structure=np.ones((3, 3), bool))
+        foot = np.isin(lab, np.unique(lab[hot]))
+        yy, xx = np.nonzero(foot)
+        yy = yy + sl[0].start
+        xx = xx + sl[1].start
+        # widen by ``radius``: a box filter over the footprint's bounding region
+        y0, y1 = max(0, yy.min() - radius), min(ly, yy.max() + radius + 1)
+        x0, x1 = max(0, xx.min() - radius), min(lx, xx.max() + radius + 1)
+        fp = np.zeros((y1 - y0, x1 - x0), bool)
+        fp[yy - y0, xx - x0] = True
+        fp = ndimage.maximum_filter(fp, size=2 * radius + 1, mode="constant")
+        grown[y0:y1, x0:x1][fp] |= near
+
+
+_CUT_FOLLOW = 5.0  # a cut source's footprint: connected pixels above this many sigma
+_CUT_DEPTH = 4  # ... within this many kernel radii of the border
 
 
 _BLANK_STEP = 3  # S_corr is correlated on the PSF scale: every 3rd pixel nearly suffices
