@@ -455,3 +455,32 @@ def test_common_no_data_region_masks_only_where_it_cuts_a_source():
     away = (xx + yy > 95) & (xx + yy < 110) & (abs(yy - 60) > 40) & (abs(xx - 20) > 40)
     assert away.any() and not near[away].any()  # beside the common region, away from the star
     assert not any(abs(c["x"] - 20) < 15 and abs(c["y"] - 60) < 15 for c in cands)
+
+
+def test_product_ring_reuses_buffers_and_changes_nothing():
+    """subtract() computes each tile into one of two preallocated buffers in turn
+    (tile k + 2 overwrites tile k, after tile k has been written); the products
+    are those of fresh arrays, edge tiles (smaller cores) included."""
+    import zogy_stream.pipeline as pl
+    from zogy_stream.simulate import make_scene
+
+    sc = make_scene((300, 260), seed=4, n_transients=5)
+    inputs, opts = pl._make_inputs(sc.new, sc.ref, dict(
+        new_psf=sc.new_psf, ref_psf=sc.ref_psf, new_var=sc.new_var, ref_var=sc.ref_var,
+        flux_ratio=1.0, tile=128, wisdom=False))
+    engine = pl.TileEngine(pl.plan_run(inputs, opts))
+    try:
+        fresh = [(r.tile.index, {k: getattr(r, k).copy() for k in ("d", "s", "scorr", "flux")})
+                 for r in pl._iter_tiles(engine, iter(engine.plan.grid))]
+        held, ringed = [], []
+        for r in pl._iter_tiles(engine, iter(engine.plan.grid), ring=2):
+            held.append(r)
+            ringed.append({k: getattr(r, k).copy() for k in ("d", "s", "scorr", "flux")})
+    finally:
+        engine.close()
+    assert len(fresh) == len(ringed) >= 6
+    for (_, a), b in zip(fresh, ringed):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert np.shares_memory(held[0].scorr, held[2].scorr)  # the buffers go round
+    assert not np.shares_memory(held[0].scorr, held[1].scorr)

@@ -224,3 +224,40 @@ def test_model_error_term_silences_static_residuals_only():
     assert plain.model_error == 0.0
     with pytest.raises(InputError, match="model_error"):
         zogy(new, ref, gaussian(4.0), gaussian(3.0), model_error=-1, **kw)
+
+
+def test_run_into_caller_buffers():
+    """TileSubtractor.run(out=...) writes the five products into the caller's
+    (5, n) buffer as contiguous views, identical to fresh arrays; a buffer of the
+    wrong size or type is refused."""
+    from zogy_stream.tiles import Box
+    from zogy_stream.zogy import KernelCache, TileSubtractor
+
+    rng = np.random.default_rng(3)
+    shape = (64, 72)
+    psf = gaussian(2.0, 15)
+    sub = TileSubtractor(shape, has_var=True, split=False, threads=1)
+    ks = KernelCache(shape, dtype=np.float32).get(0, psf, psf, sigma_n=1.0, sigma_r=1.0,
+                                                  flux_ratio=1.0)
+    region = Box(5, 55, 6, 66)
+
+    def fill():
+        sub.inputs[0] = rng.normal(size=shape)
+        sub.inputs[1] = rng.normal(size=shape)
+        sub.inputs[2] = 1.0
+        sub.inputs[3] = 1.0
+
+    state = rng.bit_generator.state
+    fill()
+    a = sub.run(ks, region, var_const=1.0)
+    rng.bit_generator.state = state
+    fill()
+    buf = np.full((5, 50 * 60 + 7), np.nan, np.float32)
+    b = sub.run(ks, region, var_const=1.0, out=buf)
+    for k in ("d", "s", "scorr", "flux", "flux_err"):
+        assert b[k].flags.c_contiguous and np.shares_memory(b[k], buf)
+        np.testing.assert_array_equal(a[k], b[k])
+    for bad in (np.empty((5, 100), np.float32), np.empty((5, 3000), np.float64),
+                np.empty((4, 3000), np.float32)):
+        with pytest.raises(ValueError, match="out must be"):
+            sub.run(ks, region, var_const=1.0, out=bad)

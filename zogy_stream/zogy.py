@@ -338,7 +338,7 @@ class TileSubtractor:
 
     def run(self, ks: KernelSet, region, *, astrometric_sigma=(0.0, 0.0),
             var_const: float = 0.0, model_error=0.0, static_mask=None, exclude: int = 0,
-            timings=None) -> dict:
+            timings=None, out=None) -> dict:
         """Subtract the filled tile; return D, S, SCORR, FLUX, FLUX_ERR on ``region``.
 
         ``region`` is a :class:`~zogy_stream.tiles.Box` in padded-tile pixels.
@@ -349,7 +349,10 @@ class TileSubtractor:
         value used is returned under ``"model_error"`` (0 when too few).
         ``timings``, a mapping of stage name to seconds, gets the time of each
         step added: ``fft forward``, ``combine``, ``fft inverse`` (or
-        ``convolve`` on the image-space path) and ``score``.
+        ``convolve`` on the image-space path) and ``score``.  ``out``, a
+        float32 array of shape ``(5, n)`` with ``n`` at least the region's
+        pixel count, holds the five products (reused by a caller that is done
+        with the previous ones); by default they are new arrays.
         """
         clock = time.perf_counter
         t0 = clock()
@@ -396,7 +399,15 @@ class TileSubtractor:
             eps = 0.0 if not math.isfinite(eps) else eps
         elif model_error != "auto" and self.split:
             eps = float(model_error)
-        out = {k: np.empty(shape, dtype=self.dtype) for k in ("d", "s", "scorr", "flux", "flux_err")}
+        names = ("d", "s", "scorr", "flux", "flux_err")
+        if out is None:
+            out = {k: np.empty(shape, dtype=self.dtype) for k in names}
+        else:  # contiguous views of the caller's buffers
+            npix = shape[0] * shape[1]
+            if out.dtype != self.dtype or out.ndim != 2 or out.shape[0] != 5 or out.shape[1] < npix:
+                raise ValueError(f"out must be a {np.dtype(self.dtype).name} array of shape "
+                                 f"(5, >= {npix}), got {out.dtype.name} {out.shape}")
+            out = {k: out[i, :npix].reshape(shape) for i, k in enumerate(names)}
         nk._finish(planes, y0, y1, x0, x1, self.split, self.has_var, float(var_const),
                    float(sx) ** 2, float(sy) ** 2, eps * eps, 1.0 / ks.f_s,
                    out["d"], out["s"], out["scorr"], out["flux"], out["flux_err"])
