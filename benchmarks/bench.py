@@ -133,15 +133,28 @@ def ensure_scene(out: Path, n: int, seed: int) -> dict:
     if (sdir / SCENE_DONE).is_file() and all(p.is_file() for p in paths.values()):
         print(f"[{n}] reusing scene {sdir}", flush=True)
         return paths
-    from zogy_stream.simulate import write_scene
-
     print(f"[{n}] simulating scene into {sdir} ...", flush=True)
     t0 = time.perf_counter()
     (sdir / SCENE_DONE).unlink(missing_ok=True)
-    written = write_scene(sdir, (n, n), seed=seed, **scene_options(n))
+    # In a child process: on Linux a process's ru_maxrss includes the resident size
+    # of the process it was forked from (the kernel keeps the high-water mark across
+    # exec), so a bench process that had simulated a 16384^2 scene itself made every
+    # later child's peak RSS read 520-600 MiB instead of its own ~440.
+    cmd = [sys.executable, Path(__file__).resolve(), "--worker", "scene", "--worker-scene",
+           sdir, "--worker-size", str(n), "--worker-seed", str(seed)]
+    subprocess.run([str(c) for c in cmd], check=True)
     (sdir / SCENE_DONE).write_text(f"seed={seed}\n")
     print(f"[{n}] scene written in {time.perf_counter() - t0:.1f} s", flush=True)
-    return {k: Path(v) for k, v in written.items()}
+    return paths
+
+
+def scene_worker(sdir: Path, n: int, seed: int) -> None:
+    from zogy_stream.simulate import write_scene
+
+    written = write_scene(sdir, (n, n), seed=seed, **scene_options(n))
+    missing = [k for k in SCENE_FILES if k not in written]
+    if missing:
+        raise SystemExit(f"scene worker: write_scene gave no {missing}")
 
 
 def scene_flux_ratio(paths: dict) -> float:
@@ -561,7 +574,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="smoke check: 2048 only, 3 FFT repeats (overrides --sizes)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further zogy-stream subtract options (must come last)")
-    p.add_argument("--worker", choices=("baseline",), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("baseline", "scene"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker-scene", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker-json", type=Path, help=argparse.SUPPRESS)
@@ -580,6 +595,9 @@ def main(argv=None) -> int:
     if args.worker == "baseline":
         baseline_worker(args.worker_scene, args.worker_out, args.worker_json,
                         args.worker_flux_ratio)
+        return 0
+    if args.worker == "scene":
+        scene_worker(args.worker_scene, args.worker_size, args.worker_seed)
         return 0
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
