@@ -167,6 +167,40 @@ def test_stars_on_the_border_spared(fwhm, flux):
 
 
 @needs_astroscrappy
+def test_hit_wings_followed_into_significant_neighbours():
+    """A hit whose core L.A.Cosmic flags keeps, in a resampled image, wings that
+    the Laplacian test does not flag (a real DECam reference: a 579 ADU track with
+    300-400 ADU beside it left S_corr -5 to -9 residuals next to the mask).  They
+    are followed up to 3 px while > 3 sigma above the local median; a star the
+    hit lies next to is not taken with it."""
+    from zogy_stream.cosmics import _follow_wings
+
+    rng = np.random.default_rng(4)
+    shape = (60, 60)
+    sky = gaussian_stars(shape, [40.0], [30.0], [3e4], 3.5) + SKY
+    img = (rng.poisson(sky * GAIN) + rng.normal(0.0, READ_NOISE, shape)) / GAIN
+    sigma = np.sqrt(SKY / GAIN)
+    core = np.zeros(shape, bool)
+    core[20, 20:23] = True                    # the flagged core
+    img[20, 20:23] += 40 * sigma
+    wing = [(19, 20), (19, 21), (21, 22), (20, 23), (20, 24), (21, 25)]   # its wings
+    for y, x in wing:
+        img[y, x] += 12 * sigma
+    far = (20, 28)                            # 5 px beyond the track: not reached
+    img[far] += 12 * sigma
+    near_star = np.zeros(shape, bool)
+    near_star[30, 34] = True                  # a hit beside the star
+    img[30, 34] += 40 * sigma
+    clean = img.copy()
+    clean[core | near_star] = SKY
+    out = _follow_wings(core | near_star, img, clean, GAIN, READ_NOISE)
+    assert all(out[p] for p in wing) and (out & (core | near_star)).sum() == 4
+    assert not out[far]
+    assert out.sum() <= 4 + len(wing) + 3     # a few noise pixels at most
+    assert not out[28:33, 38:43].any()        # the star's core stays
+
+
+@needs_astroscrappy
 def test_sky_subtracted_input_and_mask(scene):
     fwhm, img, xs, ys, flux, hits = scene
     ref = detect_cosmic_rays(img, gain=GAIN, read_noise=READ_NOISE, saturation=SATURATION)

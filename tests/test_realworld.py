@@ -287,9 +287,10 @@ def test_decam_resampled_pairs(shared_data, tmp_path, pair):
     assert hit.any() and cat["scorr"][hit].max() > 5
     if pair != "e":
         assert hit[order[0]]
-        assert s.n_candidates <= 8    # measured 1-6
+        assert s.n_candidates <= (4 if pair == "d" else 3)  # measured 1-3 (d: 6 before
+        # the resampled cosmic rays' wings in its reference were masked)
     else:
-        assert s.n_candidates <= 12   # measured 10
+        assert s.n_candidates <= 10   # measured 8 (the trail's pieces)
 
 
 def test_saturation_level_detected_without_keyword(tmp_path):
