@@ -1,8 +1,9 @@
 """Numba kernels (private).
 
 Each kernel works on plain arrays and scalars (no globals, no Python
-objects), runs in parallel over rows, and releases the GIL so I/O threads can
-run beside it.  Validation and array allocation live in the thin wrappers of
+objects), runs in parallel over rows where that pays (small passes stay
+serial: a parallel loop adds seconds of compile time at a cold start), and
+releases the GIL so I/O threads can run beside it.  Validation and array allocation live in the thin wrappers of
 :mod:`zogy_stream.zogy` and :mod:`zogy_stream.pipeline`.
 
 Mask bits (also written to the MASK output plane) are defined in
@@ -235,11 +236,12 @@ def _grow_mask(mask, radius, tmp, out, a, b, thr_a, thr_b):
                     cnt[x - x0] -= tmp[yr, x]
 
 
-@njit(parallel=True, **_OPTS)
+@njit(**_OPTS)
 def _edge_bits(mask, gy0, gx0, ny, nx, radius):
-    """Set EDGE on pixels closer than ``radius`` to the image border."""
+    """Set EDGE on pixels closer than ``radius`` to the image border (serial: 0.2 ms
+    a tile either way, and a parallel loop costs compile time)."""
     ly, lx = mask.shape
-    for y in prange(ly):
+    for y in range(ly):
         gy = gy0 + y
         for x in range(lx):
             gx = gx0 + x
@@ -373,7 +375,7 @@ def _finish(planes, y0, y1, x0, x1, split, has_var, var_const, sx2, sy2, e2, inv
 
 
 # ------------------------------------------------------------- blank sky
-@njit(parallel=True, **_OPTS)
+@njit(**_OPTS)
 def _blank_samples(a, b, thr_a, thr_b, grown, y0, y1, x0, x1, sy0, sx0, step, radius, out):
     """Blank-sky sample points of a tile: ``out[i, j] = 1`` where blank, else 0.
 
@@ -382,12 +384,14 @@ def _blank_samples(a, b, thr_a, thr_b, grown, y0, y1, x0, x1, sy0, sx0, step, ra
     ``[y0:y1, x0:x1]`` within a square of half-side ``radius`` around it
     exceeds ``thr_a`` in ``a`` or ``thr_b`` in ``b`` (a source in either
     image).  Separable: a running count along each row at the sampled
-    columns, then along the sampled columns.
+    columns, then along the sampled columns.  Serial: measured on a 1080^2
+    tile as fast as the parallel version on 2 threads (2.4 vs 2.2 ms) and
+    3 s less to compile at a cold start.
     """
     ni, nj = out.shape
     ny = y1 - y0
     near = np.zeros((ny, nj), np.uint8)
-    for y in prange(ny):
+    for y in range(ny):
         cnt = np.zeros(x1 - x0 + 1, np.int32)  # prefix count of source pixels in the row
         c = 0
         for x in range(x0, x1):
@@ -399,7 +403,7 @@ def _blank_samples(a, b, thr_a, thr_b, grown, y0, y1, x0, x1, sy0, sx0, step, ra
             lo = max(xs - radius, x0) - x0
             hi = min(xs + radius + 1, x1) - x0
             near[y, j] = 1 if cnt[hi] > cnt[lo] else 0
-    for j in prange(nj):
+    for j in range(nj):
         cum = np.zeros(ny + 1, np.int32)
         c = 0
         for y in range(ny):
