@@ -1,5 +1,4 @@
 """The streaming pipeline: physics on simulated scenes, tiling, masks, inputs."""
-import math
 
 import numpy as np
 import pytest

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import sys
-import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,7 @@ from .fft import Wisdom, default_wisdom_path
 from .fitsio import ImageReader, OutputFile, Plane, wcs_cards
 from .masks import EXCLUDE_CANDIDATE, MaskBit
 from .options import Options
-from .psf import load_psf, psf_fwhm
+from .psf import psf_fwhm
 from .tiles import Box, Tile, TileGrid
 from .zogy import KernelCache, TileSubtractor, kernel_radius, make_kernels, PsfSpectra
 
@@ -436,7 +435,7 @@ class TileEngine:
         """Per-tile masks (bleed, cosmic rays), PSFs and flux ratio (reader thread)."""
         from scipy import ndimage
 
-        p, o = self.plan, self.plan.opts
+        p = self.plan
         extra: dict = {}
         bits = None
         fwhm = max(psf_fwhm(p.new_psf), psf_fwhm(p.ref_psf))
