@@ -68,6 +68,63 @@ def test_mosaic_with_nothing_but_the_images(mosaic):
     assert np.allclose(cat["mag"][ok], 25.0 - 2.5 * np.log10(cat["flux"][ok]), atol=1e-3)
 
 
+def _fitted_psfex(path, fwhm0, n, var, *, size=31, degree=2):
+    """A PSFEx-format model (degree-2 polynomial in image position, PSF_SAMP 1) fitted
+    by least squares to the simulator's PSF, whose FWHM varies linearly across the
+    n x n field as in :func:`zogy_stream.simulate.write_scene`."""
+    from zogy_stream.simulate import gaussian_psf
+
+    zero, scale = 1 + (n - 1) / 2, (n - 1) / 2       # PSFEx: 1-based coordinates
+    rows, psfs = [], []
+    for v in np.linspace(-1, 1, 7):
+        for u in np.linspace(-1, 1, 7):
+            t = (zero - 1 + u * scale) / (n - 1) + (zero - 1 + v * scale) / (n - 1)
+            rows.append([u ** i * v ** j for j in range(degree + 1) for i in range(degree + 1 - j)])
+            psfs.append(gaussian_psf(fwhm0 * (1 + var * (t - 1)), size=size).ravel())
+    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(psfs), rcond=None)
+    basis = coef.reshape(-1, size, size).astype(np.float32)
+    col = fits.Column(name="PSF_MASK", format=f"{basis.size}E",
+                      dim=f"({size}, {size}, {len(basis)})", array=basis[None])
+    hdu = fits.BinTableHDU.from_columns([col], name="PSF_DATA")
+    for k, v in dict(POLNAXIS=2, POLGRP1=1, POLNAME1="X_IMAGE", POLZERO1=zero, POLSCAL1=scale,
+                     POLGRP2=1, POLNAME2="Y_IMAGE", POLZERO2=zero, POLSCAL2=scale, POLNGRP=1,
+                     POLDEG1=degree, PSF_FWHM=fwhm0, PSF_SAMP=1.0, PSFNAXIS=3, PSFAXIS1=size,
+                     PSFAXIS2=size, PSFAXIS3=len(basis)).items():
+        hdu.header[k] = v
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
+    return path
+
+
+def test_mosaic_with_psfex_models(mosaic, tmp_path):
+    """The same mosaic with PSFEx models of the varying PSF given (seeds 3-10 measured:
+    307/320 recovered, 2 false positives in all, std 0.970-0.984, F_n/F_r -1.1 % to
+    +0.1 %)."""
+    p, _, truth, _ = mosaic
+    pn = _fitted_psfex(tmp_path / "new.psf", 4.0, 1024, 0.15)
+    pr = _fitted_psfex(tmp_path / "ref.psf", 3.0, 1024, 0.15)
+    s = subtract(p["new"], p["ref"], tmp_path / "out.fits", catalog=tmp_path / "cat.ecsv",
+                 tile=512, wisdom=False, new_psf=pn, ref_psf=pr)
+    h = s.header
+    assert h["NPSFSRC"] == "psfex" and h["RPSFSRC"] == "psfex"
+    assert h["FLUXRSRC"] == "auto" and abs(h["FLUXRAT"] / 1.2 - 1) < 0.03
+    with fits.open(s.out) as hl:
+        sc, m = hl["SCORR"].data, hl["MASK"].data
+    g = sc[m == 0]
+    assert 0.9 < 1.4826 * np.median(np.abs(g - np.median(g))) < 1.1
+    cat = Table.read(tmp_path / "cat.ecsv")
+    pos = cat[cat["sign"] > 0]
+    d, i = cKDTree(np.c_[pos["x"], pos["y"]]).query(np.c_[truth["x"], truth["y"]])
+    hi = np.asarray(truth["expected_snr"]) >= 7
+    found = (d < 2) & hi
+    assert found.sum() >= 0.9 * hi.sum()
+    ratio = np.asarray(pos["flux"])[i[found]] / np.asarray(truth["flux"])[found]
+    assert 0.92 < np.median(ratio) < 1.08
+    s10 = (d < 2) & (np.asarray(truth["expected_snr"]) >= 10)
+    assert np.sqrt(np.mean(d[s10] ** 2)) < 0.5
+    dd, _ = cKDTree(np.c_[truth["x"], truth["y"]]).query(np.c_[cat["x"], cat["y"]])
+    assert (dd > 3).sum() <= 8
+
+
 def test_stamps_and_png(mosaic):
     p, s, truth, cat = mosaic
     with fits.open(s.stamps) as hl:
