@@ -294,39 +294,17 @@ def _centre_crop(a, n):
     return a[cy - h:cy + h + 1, cx - h:cx + h + 1]
 
 
-def _peak_ratio_1d(prof, cnt, pprof, centre):
-    """Observed over fitted peak for ``prof = A * pprof(shifted) + B * cnt``.
-
-    The PSF profile is tried at shifts -1, 0, +1 bins; the best-fitting shift
-    is used. Returns ``(ratio, excess, bin)`` where ``excess`` is the observed
-    minus the fitted value in the peak bin; ratio is NaN when no positive
-    amplitude fits.
-    """
-    best = None
-    for k in (-1, 0, 1):
-        p = np.zeros_like(pprof)  # pprof shifted by k bins, zero-filled
-        if k > 0:
-            p[k:] = pprof[:-k]
-        elif k < 0:
-            p[:k] = pprof[-k:]
-        else:
-            p[:] = pprof
-        coef = _lsq2(p, cnt, prof)
-        resid = float(np.sum((coef[0] * p + coef[1] * cnt - prof) ** 2))
-        if best is None or resid < best[0]:
-            best = (resid, coef, p, centre + k)
-    _, (amp, back), p, j = best
-    if not (amp > 0 and p[j] > 0):
-        return float("nan"), float("nan"), j
-    excess = prof[j] - back * cnt[j] - amp * p[j]
-    return float((prof[j] - back * cnt[j]) / (amp * p[j])), float(excess), j
-
-
 def _peak_ratios(ys, cnt, pprof, centre):
-    """:func:`_peak_ratio_1d` of several profiles ``ys`` (rows) at once.
+    """Observed over fitted peak for each profile ``y`` (rows of ``ys``) fitted as
+    ``A * pprof(shifted) + B * cnt``.
 
-    The three shifted PSF profiles and ``cnt`` form one design shared by every
-    row, so the normal equations are solved for all rows and shifts together.
+    The PSF profile is tried at shifts -1, 0, +1 bins and the best-fitting
+    shift is used.  The three shifted profiles and ``cnt`` form one design
+    shared by every row, so the normal equations are solved for all rows and
+    shifts together (a rank-deficient shift falls back to the minimum-norm
+    solution).  Returns one ``(ratio, excess, bin)`` per row, where ``excess``
+    is the observed minus the fitted value in the peak bin; ratio is NaN when
+    no positive amplitude fits.
     """
     m = pprof.size
     design = np.zeros((3, m))  # PSF profile shifted by -1, 0, +1 bins, zero-filled
@@ -337,12 +315,14 @@ def _peak_ratios(ys, cnt, pprof, centre):
     ab = design @ cnt
     bb = float(cnt @ cnt)
     det = aa * bb - ab * ab
-    if not np.all((det > 1e-12 * aa * bb) & (det > 0)):  # rank-deficient: one by one
-        return [_peak_ratio_1d(y, cnt, pprof, centre) for y in ys]
     ay = design @ ys.T  # (shift, row)
     by = ys @ cnt
-    amp = (bb * ay - ab[:, None] * by) / det[:, None]
-    back = (aa[:, None] * by - ab[:, None] * ay) / det[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        amp = (bb * ay - ab[:, None] * by) / det[:, None]
+        back = (aa[:, None] * by - ab[:, None] * ay) / det[:, None]
+    for k in np.nonzero(~((det > 1e-12 * aa * bb) & (det > 0)))[0]:  # rank-deficient
+        coef, *_ = np.linalg.lstsq(np.column_stack([design[k], cnt]), ys.T, rcond=None)
+        amp[k], back[k] = coef
     fit = amp[:, :, None] * design[:, None, :] + back[:, :, None] * cnt
     best = np.argmin(np.sum((fit - ys) ** 2, axis=2), axis=0)  # first minimum, as -1, 0, +1
     out = []

@@ -548,11 +548,11 @@ class TileEngine:
             log.warning("cosmic-ray detection unavailable (%s)", exc)
             return np.zeros(img.shape, bool)
 
-    def process(self, loaded: _Loaded, out: np.ndarray | None = None) -> TileResult:
+    def process(self, loaded: _Loaded, buffer: np.ndarray | None = None) -> TileResult:
         """ZOGY on one loaded tile; returns its core products.
 
-        ``out`` (see :meth:`TileSubtractor.run`) receives the products; the
-        result's arrays are views of it, valid until it is reused.
+        ``buffer`` (the ``out`` of :meth:`TileSubtractor.run`) receives the
+        products; the result's arrays are views of it, valid until it is reused.
 
         Raises
         ------
@@ -613,7 +613,7 @@ class TileEngine:
         mask_ext = self._grown[region.slices]
         out = self.sub.run(ks, region, astrometric_sigma=p.astrometric_sigma, var_const=var_const,
                            model_error=o.model_error, static_mask=mask_ext,
-                           exclude=EXCLUDE_CANDIDATE, timings=tim, out=out)  # fft forward ... score
+                           exclude=EXCLUDE_CANDIDATE, timings=tim, out=buffer)  # fft forward ... score
         t3 = time.perf_counter()
         core = slice(b, b + cw.shape[0]), slice(b, b + cw.shape[1])
         nc = dict(factor=1.0, measured=float("nan"), err=float("nan"), applied=False)
@@ -805,11 +805,11 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0) -> Iterator
     ahead = engine.plan.opts.prefetch
     core = engine.plan.grid.core_shape
     b = engine.plan.peak_radius
-    bufs = [np.empty((5, (core[0] + 2 * b) * (core[1] + 2 * b)), np.float32)
+    bufs = [np.empty((5, (core[0] + 2 * b) * (core[1] + 2 * b)), engine.sub.dtype)
             for _ in range(ring)]
     count = itertools.count()
 
-    def out():
+    def buffer():
         return bufs[next(count) % ring] if ring else None
 
     with _numba_threads(engine.plan.opts.threads):
@@ -817,7 +817,7 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0) -> Iterator
             for t in tiles:
                 if stop is not None and stop.is_set():
                     raise Cancelled("stopped on request")
-                yield engine.process(engine.load(t), out())
+                yield engine.process(engine.load(t), buffer())
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zogy-read") as pool:
             pending: deque = deque()
@@ -836,7 +836,7 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0) -> Iterator
                     nxt = next(it, None)
                     if nxt is not None:
                         pending.append(pool.submit(engine.load, nxt))
-                    res = engine.process(loaded, out())
+                    res = engine.process(loaded, buffer())
                     del loaded  # the windows may go before the consumer is done with res
                     yield res
             finally:
