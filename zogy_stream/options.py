@@ -50,7 +50,8 @@ class Options:
     flux_ratio : float, "auto" or "local"
         F_n / F_r (F_r = 1): FLUX is in the reference image's units.  ``"auto"``
         (the default) fits it from matched bright stars in a few sampled regions
-        at plan time (1.0 with a warning when too few stars); ``"local"`` fits it
+        at plan time (from only 2-4 stars with a warning; 1.0 with a warning
+        when fewer); ``"local"`` fits it
         per tile, falling back to the global fit.
     astrometric_sigma : (float, float), "auto" or "default"
         Registration noise (sigma_x, sigma_y) in pixels for V_ast; ``"auto"``
