@@ -627,6 +627,14 @@ class TileEngine:
         cands = find_candidates(out["scorr"], out["flux"], out["flux_err"], mask_ext, border=b,
                                 threshold=o.threshold, radius=b, exclude=EXCLUDE_CANDIDATE,
                                 origin=(tile.core.y0 - b, tile.core.x0 - b), tile=tile.index)
+        sx, sy = p.psf_sources[0].shift if p.psf_sources[0] is not None else (0.0, 0.0)
+        if len(cands) and (sx or sy):
+            # S_corr peaks where the model (REF's grid) puts a source; NEW, whose PSF
+            # carries the residual registration offset, sees it that far away: give
+            # x, y in NEW's pixel frame, the frame of the WCS used for ra, dec
+            # (x_peak, y_peak stay the S_corr peak pixel)
+            cands["x"] += sx
+            cands["y"] += sy
         from .products import annotate_candidates
 
         cands = annotate_candidates(cands, mask_ext, loaded.windows, tile, psf_n, psf_r,
