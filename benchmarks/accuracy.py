@@ -27,7 +27,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 #: The nominal scene (as in tests/test_realworld.py): 40 transients of expected S/N 7-40,
 #: 20 galaxies, saturated stars, FWHM 4 / 3 px varying +-15 % across the field, a
@@ -55,36 +54,15 @@ SCENES = {
 def score(scene: dict, paths: dict, summary, catalog: Path) -> dict:
     from astropy.io import fits
     from astropy.table import Table
-    from scipy.spatial import cKDTree
 
-    truth = Table.read(paths["truth"])
-    cat = Table.read(catalog)
+    from zogy_stream.demo import score_scene
+
     with fits.open(summary.out) as hl:
         sc, m = hl["SCORR"].data, hl["MASK"].data
-    g = sc[m == 0].astype(np.float64)
-    std = 1.4826 * np.median(np.abs(g - np.median(g)))
-    tx, ty = np.asarray(truth["x"]), np.asarray(truth["y"])
-    snr = np.asarray(truth["expected_snr"])
-    pos = cat[cat["sign"] > 0]
-    if len(pos):
-        d, i = cKDTree(np.c_[pos["x"], pos["y"]]).query(np.c_[tx, ty])
-    else:
-        d, i = np.full(len(truth), np.inf), np.zeros(len(truth), int)
-    hi = snr >= 7
-    found = (d < 2) & hi
-    flux = np.asarray(pos["flux"])[i[found]] / np.asarray(truth["flux"])[found] \
-        if found.any() else np.array([np.nan])
-    bright = (d < 2) & (snr >= 10)
-    if len(cat):
-        far, _ = cKDTree(np.c_[tx, ty]).query(np.c_[cat["x"], cat["y"]])
-        n_false = int((far > 3).sum())
-    else:
-        n_false = 0
-    mpix = sc.size / 1e6
-    return dict(recovered=int(found.sum()), expected=int(hi.sum()), false_per_mpix=n_false / mpix,
-                std=float(std), flux=float(np.median(flux)),
-                ratio=float(summary.header["FLUXRAT"] / scene["flux_ratio"] - 1),
-                pos_rms=float(np.sqrt(np.mean(d[bright] ** 2))) if bright.any() else float("nan"))
+        res = score_scene(Table.read(paths["truth"]), Table.read(catalog), sc, m)
+        res["false_per_mpix"] = res.pop("false") / (sc.size / 1e6)
+    res["ratio"] = float(summary.header["FLUXRAT"] / scene["flux_ratio"] - 1)
+    return res
 
 
 def run(name: str, seed: int, out: Path, size: int) -> dict:

@@ -483,3 +483,25 @@ def test_product_ring_reuses_buffers_and_changes_nothing():
             np.testing.assert_array_equal(a[k], b[k])
     assert np.shares_memory(held[0].scorr, held[2].scorr)  # the buffers go round
     assert not np.shares_memory(held[0].scorr, held[1].scorr)
+
+
+def test_score_scene_counts_and_measures():
+    """The scorer the demo, the accuracy benchmark and the mosaic tests share."""
+    from astropy.table import Table
+
+    from zogy_stream.demo import score_scene
+
+    truth = Table(dict(x=[10.0, 50.0, 90.0, 130.0], y=[10.0, 50.0, 90.0, 130.0],
+                       flux=[100.0, 200.0, 300.0, 400.0], expected_snr=[20.0, 8.0, 30.0, 5.0]))
+    cands = Table(dict(x=[10.3, 50.0, 90.0, 130.0, 170.0, 92.5], y=[10.4, 51.0, 90.0, 130.0, 20.0, 90.0],
+                       flux=[110.0, 180.0, 330.0, 400.0, 50.0, 10.0], sign=[1, 1, -1, 1, 1, 1]))
+    scorr = np.arange(100, dtype=np.float32).reshape(10, 10)
+    mask = np.zeros((10, 10), np.uint8)
+    mask[5:] = 1
+    r = score_scene(truth, cands, scorr, mask)
+    # 90,90 has only a negative candidate on it and one 2.5 px away: not recovered
+    assert (r["recovered"], r["expected"]) == (2, 3)
+    assert r["flux"] == pytest.approx(np.median([1.1, 0.9]))
+    assert r["pos_rms"] == pytest.approx(0.5)          # only the S/N 20 one is >= 10
+    assert r["false"] == 1                              # (170, 20); 92.5 is within 3 px
+    assert r["std"] == pytest.approx(1.4826 * 12.5, rel=1e-3)   # MAD of 0..49

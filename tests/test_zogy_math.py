@@ -4,7 +4,7 @@ import pytest
 
 from benchmarks.baseline_numpy import zogy_numpy
 from conftest import add_source, gaussian
-from zogy_stream import InputError
+from zogy_stream import ConfigError, InputError
 from zogy_stream.zogy import PsfSpectra, kernel_radius, make_kernels, zogy
 
 SN, SR = 10.0, 7.0
@@ -222,8 +222,9 @@ def test_model_error_term_silences_static_residuals_only():
     assert plain.scorr[128, 128] > 7
     assert fit.scorr[128, 128] == pytest.approx(plain.scorr[128, 128], rel=0.01)
     assert plain.model_error == 0.0
-    with pytest.raises(InputError, match="model_error"):
-        zogy(new, ref, gaussian(4.0), gaussian(3.0), model_error=-1, **kw)
+    for bad in (-1, 1.5, "often", float("nan")):
+        with pytest.raises(ConfigError, match="model_error"):
+            zogy(new, ref, gaussian(4.0), gaussian(3.0), model_error=bad, **kw)
 
 
 def test_run_into_caller_buffers():

@@ -458,6 +458,8 @@ def _static_peaks(planes, region, has_var, var_const, sx2, sy2, mask, exclude):
                 keep &= np.minimum(sn[yy + dy, xx + dx], sr[yy + dy, xx + dx]) <= m
     s = (sn[yy, xx] - sr[yy, xx]).astype(np.float64)
     return s[keep], v[keep], m[keep]
+
+
 _MEDIAN_ABS_NORMAL = 0.6744897501960817
 
 
@@ -566,7 +568,8 @@ def zogy(new, ref, new_psf, ref_psf, *, new_var=None, ref_var=None, flux_ratio: 
     model_error : float or "auto"
         Fractional error ε of the model of static sources (PSFs, flux scale):
         ``ε² min(S_N, S_R)²`` joins the variance of S_corr; ``"auto"`` fits ε
-        to the bright static sources (:func:`fit_model_error`).  Default 0.
+        to the bright static sources (:func:`fit_model_error`).  A number in
+        [0, 1]; default 0.
     sigma_new, sigma_ref : float, optional
         Background noise; default sqrt(median variance) when a variance map
         is given, else a sigma-clipped standard deviation of the image.
@@ -583,6 +586,8 @@ def zogy(new, ref, new_psf, ref_psf, *, new_var=None, ref_var=None, flux_ratio: 
     ------
     InputError
         Shapes differ, PSFs are invalid or do not fit, or noise levels are not positive.
+    ConfigError
+        ``model_error`` is neither a number in [0, 1] nor ``"auto"``.
     """
     new = np.asarray(new)
     ref = np.asarray(ref)
@@ -600,16 +605,10 @@ def zogy(new, ref, new_psf, ref_psf, *, new_var=None, ref_var=None, flux_ratio: 
         sigma_ref = math.sqrt(float(np.median(ref_var))) if ref_var is not None else robust_sigma(ref)
     has_var = new_var is not None or ref_var is not None
     sx, sy = (float(v) for v in astrometric_sigma)
-    given = model_error
-    if isinstance(model_error, str) and model_error.strip().lower() == "auto":
-        model_error = "auto"
-    else:
-        try:
-            model_error = float(model_error)
-        except (TypeError, ValueError):
-            model_error = float("nan")
-        if not (math.isfinite(model_error) and model_error >= 0):
-            raise InputError(f"model_error={given!r}: give a number >= 0 or 'auto'")
+    from .options import word_or_number  # the parser Options and the CLI use
+
+    model_error = word_or_number("model_error", model_error, ("auto",),
+                                 lambda v: 0 <= v <= 1, "in [0, 1]")
     split = sx > 0 or sy > 0 or model_error == "auto" or model_error > 0
     import numba
 
