@@ -151,6 +151,18 @@ def test_kernel_radius_is_compact_and_grows_with_psf():
     assert r_big > r_small
 
 
+def test_kernel_radius_of_broad_psfs_is_not_round_off():
+    """Beyond the band broad PSFs pass, their transforms are float64 round-off of random
+    sign, and D's kernels (eq. 13) followed it: radius 256 (the cap) for 5 / 5 px
+    Gaussians before PSF_FLOOR, 15 with it.  The S kernels (eqs. 28-29) were compact
+    either way; they alone set the reach of a bad pixel into S_corr."""
+    kw = dict(sigma_n=10, sigma_r=10)
+    assert kernel_radius(gaussian(5.0), gaussian(5.0), **kw) <= 20
+    assert kernel_radius(gaussian(7.0), gaussian(5.0), **kw) <= 40
+    s_only = kernel_radius(gaussian(7.0), gaussian(5.0), tol=1e-3, kernels=("k_n", "k_r"), **kw)
+    assert s_only <= kernel_radius(gaussian(7.0), gaussian(5.0), tol=1e-3, **kw)
+
+
 def test_kernels_follow_the_paper():
     """F_S equals its eq. (42) sum; var(S) = sigma_n^2 sum k_n^2 + sigma_r^2 sum k_r^2 = F_S."""
     spectra = PsfSpectra.from_psfs(gaussian(4.0), gaussian(3.0), (64, 64))

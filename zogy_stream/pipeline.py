@@ -257,7 +257,8 @@ def plan_run(inputs: Inputs, opts: Options) -> RunPlan:
     kw = dict(sigma_n=sigma[0], sigma_r=sigma[1], flux_ratio=fr)
     big_n, big_r = src_n.largest, src_r.largest
     rk = kernel_radius(big_n, big_r, **kw)
-    grow = kernel_radius(big_n, big_r, tol=1e-3, **kw)
+    # a bad pixel reaches S, S_corr and FLUX (the candidates) through S's kernels only
+    grow = kernel_radius(big_n, big_r, tol=1e-3, kernels=("k_n", "k_r"), **kw)
     fwhm_max = max(psf_fwhm(big_n), psf_fwhm(big_r))
     peak = max(2, int(round(0.5 * fwhm_max)))
     margin = opts.overlap if opts.overlap is not None else rk + peak + 2

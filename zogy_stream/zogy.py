@@ -62,6 +62,15 @@ _DELTA_FLOOR = 1e-250
 SIGMA_STEP = 0.02
 
 
+#: weight of a delta added to both PSFs: a constant ``PSF_FLOOR`` in their transforms.
+#: Where both transforms are smaller (broad PSFs, beyond the band they pass; there
+#: float64 round-off gives them random signs), D's kernels (eq. 13), P_r^ / sqrt(Delta)
+#: and P_n^ / sqrt(Delta), would follow those signs and ring hundreds of pixels out
+#: (Gaussians of FWHM 5 / 5 px: support radius 256+ instead of 15); with the floor they
+#: are smooth there.  Nothing else moves: the PSFs change by 1e-12 of their flux.
+PSF_FLOOR = 1e-12
+
+
 @dataclass(frozen=True, eq=False)
 class PsfSpectra:
     """Transforms of a PSF pair on one padded shape (centre at the origin)."""
@@ -78,8 +87,8 @@ class PsfSpectra:
         psf_r = normalise_psf(psf_r, label="reference PSF")
         shape = (int(shape[0]), int(shape[1]))
         return cls(shape, psf_n, psf_r,
-                   np.fft.rfft2(psf_to_origin(psf_n, shape)),
-                   np.fft.rfft2(psf_to_origin(psf_r, shape)))
+                   np.fft.rfft2(psf_to_origin(psf_n, shape)) + PSF_FLOOR,
+                   np.fft.rfft2(psf_to_origin(psf_r, shape)) + PSF_FLOOR)
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,11 +228,18 @@ def _support_radius(kernel: np.ndarray, tol: float) -> int:
 
 
 def kernel_radius(psf_n, psf_r, *, sigma_n: float, sigma_r: float, flux_ratio: float = 1.0,
-                  tol: float = 1e-6, max_radius: int = 256) -> int:
+                  tol: float = 1e-6, max_radius: int = 256,
+                  kernels: tuple[str, ...] = ("kd_n", "kd_r", "k_n", "k_r")) -> int:
     """Support radius of the real-space ZOGY kernels (D and S) for a PSF pair.
 
-    The radius holds all but a fraction ``tol`` of each kernel's energy; it
-    sets the tile overlap and the image-space kernel size.
+    The radius holds all but a fraction ``tol`` of the energy of each of
+    ``kernels`` (default: D's, eq. 13, and S's, eqs. 28-29); it sets the tile
+    overlap and the image-space kernel size.  S, S_corr and FLUX see an input
+    pixel only through ``("k_n", "k_r")``: those alone give the reach of a
+    bad pixel into the candidates.  (D's kernels can be far wider: where the two
+    PSF transforms fall to zero at different frequencies, as for drizzled
+    undersampled PSFs near Nyquist, their ratio has sharp features and D's
+    kernels ring.)
     """
     size = max(psf_n.shape + psf_r.shape)
     n = 64
@@ -233,7 +249,7 @@ def kernel_radius(psf_n, psf_r, *, sigma_n: float, sigma_r: float, flux_ratio: f
         ks = make_kernels(spectra, sigma_n=sigma_n, sigma_r=sigma_r, flux_ratio=flux_ratio,
                           dtype=np.float64)
         r = max(_support_radius(ks.real_space(name, n // 2 - 1), tol)
-                for name in ("kd_n", "kd_r", "k_n", "k_r"))
+                for name in kernels)
         if r < n // 4 or n >= 2 * max_radius:
             break
         n *= 2
