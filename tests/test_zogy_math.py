@@ -155,7 +155,7 @@ def test_kernel_radius_of_broad_psfs_is_not_round_off():
     """Beyond the band broad PSFs pass, their transforms are float64 round-off of random
     sign, and D's kernels (eq. 13) followed it: radius 256 (the cap) for 5 / 5 px
     Gaussians before PSF_FLOOR, 15 with it.  The S kernels (eqs. 28-29) were compact
-    either way; they alone set the reach of a bad pixel into S_corr."""
+    either way."""
     kw = dict(sigma_n=10, sigma_r=10)
     assert kernel_radius(gaussian(5.0), gaussian(5.0), **kw) <= 20
     assert kernel_radius(gaussian(7.0), gaussian(5.0), **kw) <= 40
