@@ -18,6 +18,16 @@ def gaussian(fwhm, n=None, offset=(0.0, 0.0)):
     return p / p.sum()
 
 
+def floored(psf):
+    """``psf`` as the ZOGY kernels see it: unit sum plus a delta of weight PSF_FLOOR
+    at the centre (see zogy_stream.zogy.PSF_FLOOR), for independent oracles."""
+    from zogy_stream.zogy import PSF_FLOOR
+
+    p = np.array(psf, dtype=float) / np.sum(psf)
+    p[p.shape[0] // 2, p.shape[1] // 2] += PSF_FLOOR
+    return p / p.sum()
+
+
 def add_source(img, psf, flux, y, x):
     """Add ``flux * psf`` with the PSF centre on pixel (y, x)."""
     py, px = psf.shape

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from benchmarks.baseline_numpy import zogy_numpy
-from conftest import add_source, gaussian
+from conftest import add_source, floored, gaussian
 from zogy_stream import ConfigError, InputError
 from zogy_stream.zogy import PsfSpectra, kernel_radius, make_kernels, zogy
 
@@ -97,7 +97,7 @@ def test_matches_plain_numpy_with_different_psfs_and_variance(blank):
     vr = SR ** 2 * rng.uniform(0.8, 1.5, n.shape)
     kw = dict(new_var=vn, ref_var=vr, flux_ratio=1.2, astrometric_sigma=(0.3, 0.1))
     ours = zogy(n, r, pn, pr, sigma_new=SN, sigma_ref=SR, **kw)
-    ref = zogy_numpy(n, r, pn, pr, SN, SR, **kw)
+    ref = zogy_numpy(n, r, floored(pn), floored(pr), SN, SR, **kw)
     assert ours.f_s == pytest.approx(ref["f_s"], rel=1e-9)
     interior = (slice(2, -2), slice(2, -2))  # np.gradient is one-sided at the border
     for key in ("d", "s", "scorr", "flux", "flux_err"):
@@ -152,13 +152,16 @@ def test_kernel_radius_is_compact_and_grows_with_psf():
 
 
 def test_kernel_radius_of_broad_psfs_is_not_round_off():
-    """Beyond the band broad PSFs pass, their transforms are float64 round-off of random
-    sign, and D's kernels (eq. 13) followed it: radius 256 (the cap) for 5 / 5 px
-    Gaussians before PSF_FLOOR, 15 with it.  The S kernels (eqs. 28-29) were compact
+    """Beyond the band broad PSFs pass, their transforms are round-off of random sign,
+    and D's kernels (eq. 13) followed it: radius 256 (the cap) for 5 / 5 px Gaussians
+    before PSF_FLOOR, 15 with it.  The S kernels (eqs. 28-29) were compact
     either way."""
     kw = dict(sigma_n=10, sigma_r=10)
     assert kernel_radius(gaussian(5.0), gaussian(5.0), **kw) <= 20
     assert kernel_radius(gaussian(7.0), gaussian(5.0), **kw) <= 40
+    # float32 PSF files: round-off ~1e-8, not 1e-17 (259 px before the floor was 1e-7)
+    f32 = [gaussian(f).astype(np.float32) for f in (5.5, 5.0)]
+    assert kernel_radius(*f32, **kw) <= 30
     s_only = kernel_radius(gaussian(7.0), gaussian(5.0), tol=1e-3, kernels=("k_n", "k_r"), **kw)
     assert s_only <= kernel_radius(gaussian(7.0), gaussian(5.0), tol=1e-3, **kw)
 
@@ -167,8 +170,10 @@ def test_kernels_follow_the_paper():
     """F_S equals its eq. (42) sum; var(S) = sigma_n^2 sum k_n^2 + sigma_r^2 sum k_r^2 = F_S."""
     spectra = PsfSpectra.from_psfs(gaussian(4.0), gaussian(3.0), (64, 64))
     ks = make_kernels(spectra, sigma_n=SN, sigma_r=SR, flux_ratio=1.4, dtype=np.float64)
-    pn = np.fft.fft2(np.roll(np.pad(gaussian(4.0), ((0, 39), (0, 39))), (-12, -12), (0, 1)))
-    pr = np.fft.fft2(np.roll(np.pad(gaussian(3.0), ((0, 45), (0, 45))), (-9, -9), (0, 1)))
+    pn = np.fft.fft2(np.roll(np.pad(floored(gaussian(4.0)), ((0, 39), (0, 39))), (-12, -12),
+                             (0, 1)))
+    pr = np.fft.fft2(np.roll(np.pad(floored(gaussian(3.0)), ((0, 45), (0, 45))), (-9, -9),
+                             (0, 1)))
     delta = SN ** 2 * abs(pr) ** 2 + SR ** 2 * 1.4 ** 2 * abs(pn) ** 2
     fs = (1.4 ** 2 * abs(pn) ** 2 * abs(pr) ** 2 / delta).sum() / 64 ** 2
     assert ks.f_s == pytest.approx(fs, rel=1e-10)

@@ -62,13 +62,16 @@ _DELTA_FLOOR = 1e-250
 SIGMA_STEP = 0.02
 
 
-#: weight of a delta added to both PSFs: a constant ``PSF_FLOOR`` in their transforms.
-#: Where both transforms are smaller (broad PSFs, beyond the band they pass; there
-#: float64 round-off gives them random signs), D's kernels (eq. 13), P_r^ / sqrt(Delta)
-#: and P_n^ / sqrt(Delta), would follow those signs and ring hundreds of pixels out
-#: (Gaussians of FWHM 5 / 5 px: support radius 256+ instead of 15); with the floor they
-#: are smooth there.  Nothing else moves: the PSFs change by 1e-12 of their flux.
-PSF_FLOOR = 1e-12
+#: weight of a delta added to both PSFs (which are then renormalised): a constant
+#: floor in their transforms.  Where both transforms are smaller -- broad PSFs beyond
+#: the band they pass, where what is left is the round-off of the PSF model (float32
+#: files: ~1e-8) with random signs -- D's kernels (eq. 13), P_r^ / sqrt(Delta) and
+#: P_n^ / sqrt(Delta), would follow those signs and ring hundreds of pixels out
+#: (Gaussians of FWHM 5.5 / 5 px from float32 files: radius 259 px, capped at 256,
+#: instead of 23; 1568^2 FFTs per 1024^2 tile instead of 1080^2, 1.7x the run time at
+#: 4096^2).  With the floor both kernels are smooth there.  Frequencies where both PSFs
+#: carry less than 1e-7 of a source's flux hold nothing but noise; D stays white there.
+PSF_FLOOR = 1e-7
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,9 +89,10 @@ class PsfSpectra:
         psf_n = normalise_psf(psf_n, label="new PSF")
         psf_r = normalise_psf(psf_r, label="reference PSF")
         shape = (int(shape[0]), int(shape[1]))
+        scale = 1.0 / (1.0 + PSF_FLOOR)  # psf + PSF_FLOOR * delta, unit sum again
         return cls(shape, psf_n, psf_r,
-                   np.fft.rfft2(psf_to_origin(psf_n, shape)) + PSF_FLOOR,
-                   np.fft.rfft2(psf_to_origin(psf_r, shape)) + PSF_FLOOR)
+                   (np.fft.rfft2(psf_to_origin(psf_n, shape)) + PSF_FLOOR) * scale,
+                   (np.fft.rfft2(psf_to_origin(psf_r, shape)) + PSF_FLOOR) * scale)
 
 
 @dataclass(frozen=True, eq=False)
