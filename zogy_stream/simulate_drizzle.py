@@ -31,7 +31,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from .errors import ConfigError
-from .simulate import _KINDS, _add_points, _disc, _fft_convolve, background_fs
+from .simulate import _KINDS, _add_points, _disc, _fft_convolve, _stamp, background_fs
 
 __all__ = ["DrizzledPair", "make_drizzled_pair", "write_drizzled_pair"]
 
@@ -97,8 +97,6 @@ def _render(native_shape, pos, fluxes, galaxies, fwhm, beta, oversample, sky):
                 _KINDS["moffat"], beta, oversample, np.empty((_STAMP_NATIVE, _STAMP_NATIVE)))
     if galaxies:
         psf = np.empty((_STAMP_NATIVE, _STAMP_NATIVE))
-        from .simulate import _stamp
-
         _stamp(_KINDS["moffat"], fwhm, beta, 0.0, 0.0, oversample, psf)
         ny, nx = native_shape
         for gx, gy, gflux, scale, q, theta in galaxies:
@@ -240,7 +238,7 @@ def make_drizzled_pair(shape=(1024, 1024), *, seed=0, scale=0.5, pixfrac=0.8,
     """
     ny, nx = (int(v) for v in shape)
     ref_fwhm = fwhm if ref_fwhm is None else float(ref_fwhm)
-    checks = [(ny >= 64 and nx >= 64, "shape", shape, "at least 64 x 64"),
+    checks = [(ny >= 128 and nx >= 128, "shape", shape, "at least 128 x 128"),
               (0 < scale <= 1, "scale", scale, "in (0, 1]"),
               (0 < pixfrac <= 1, "pixfrac", pixfrac, "in (0, 1]"),
               (fwhm > 0 and ref_fwhm > 0, "fwhm", (fwhm, ref_fwhm), "> 0"),
@@ -298,7 +296,7 @@ def make_drizzled_pair(shape=(1024, 1024), *, seed=0, scale=0.5, pixfrac=0.8,
     tsnr = loguni(transient_snr, n_transients)
     tflux = tsnr / math.sqrt(fs)  # e-/s
 
-    def epoch(offsets, n_exp, f, stream, with_transients):
+    def epoch(offsets, f, stream, with_transients):
         exps = []
         for k, off in enumerate(offsets):
             true = off + rng.normal(0.0, pointing_error, 2)
@@ -316,8 +314,8 @@ def make_drizzled_pair(shape=(1024, 1024), *, seed=0, scale=0.5, pixfrac=0.8,
             exps.append((model + np.sqrt(var) * noise, var, exptime, off))
         return _drizzle_epoch((ny, nx), scale, pixfrac, exps)
 
-    new, new_err, new_wht = epoch(off_new, n_new, fwhm, 1, True)
-    ref, ref_err, ref_wht = epoch(off_ref, n_ref, ref_fwhm, 2, False)
+    new, new_err, new_wht = epoch(off_new, fwhm, 1, True)
+    ref, ref_err, ref_wht = epoch(off_ref, ref_fwhm, 2, False)
     sky_rate = sky / exptime * scale * scale
     meta = dict(seed=seed, scale=scale, pixfrac=pixfrac, fwhm=fwhm, ref_fwhm=ref_fwhm,
                 beta=beta, n_new=n_new, n_ref=n_ref, exptime=exptime, sky=sky,
