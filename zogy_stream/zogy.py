@@ -239,11 +239,11 @@ def kernel_radius(psf_n, psf_r, *, sigma_n: float, sigma_r: float, flux_ratio: f
     The radius holds all but a fraction ``tol`` of the energy of each of
     ``kernels`` (default: D's, eq. 13, and S's, eqs. 28-29); it sets the tile
     overlap and the image-space kernel size.  S, S_corr and FLUX see an input
-    pixel only through ``("k_n", "k_r")``: those alone give the reach of a
-    bad pixel into the candidates.  (D's kernels can be far wider: where the two
-    PSF transforms fall to zero at different frequencies, as for drizzled
+    pixel only through ``("k_n", "k_r")``; D's kernels can be far wider: where
+    the two PSF transforms fall to zero at different frequencies, as for drizzled
     undersampled PSFs near Nyquist, their ratio has sharp features and D's
-    kernels ring.)
+    kernels ring.  (The pipeline's NEAR zone still uses all four: residuals of
+    sources cut by a mask's edge reach beyond S's kernels.)
     """
     size = max(psf_n.shape + psf_r.shape)
     n = 64
