@@ -104,3 +104,11 @@ def test_drizzled_simulation():
     assert one.new[y - 20:y + 21, x - 20:x + 21].sum() == pytest.approx(s["flux"], rel=0.02)
     with pytest.raises(ConfigError, match="pixfrac"):
         make_drizzled_pair((256, 256), pixfrac=0.0)
+
+
+def test_drizzled_simulation_without_drizzle_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "drizzle.resample", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install drizzle"):
+        make_drizzled_pair((128, 128), n_stars=0, n_galaxies=0, n_transients=0, on_host=0)
