@@ -3,8 +3,9 @@
 Each kernel works on plain arrays and scalars (no globals, no Python
 objects), runs in parallel over rows where that pays (small passes stay
 serial: a parallel loop adds seconds of compile time at a cold start), and
-releases the GIL so I/O threads can run beside it.  Validation and array allocation live in the thin wrappers of
-:mod:`zogy_stream.zogy` and :mod:`zogy_stream.pipeline`.
+releases the GIL so I/O threads can run beside it.  Validation and array
+allocation live in the thin wrappers of :mod:`zogy_stream.zogy` and
+:mod:`zogy_stream.pipeline`.
 
 Mask bits (also written to the MASK output plane) are defined in
 :mod:`zogy_stream.masks`.

@@ -257,10 +257,10 @@ def plan_run(inputs: Inputs, opts: Options) -> RunPlan:
     kw = dict(sigma_n=sigma[0], sigma_r=sigma[1], flux_ratio=fr)
     big_n, big_r = src_n.largest, src_r.largest
     rk = kernel_radius(big_n, big_r, **kw)
-    # NEAR: the reach of a flagged pixel.  Through S's kernels alone it is smaller
-    # (kernels=("k_n", "k_r")), but sources cut by a mask's edge leave residuals
-    # beyond it: on the real pairs the S-only radius let one more spurious candidate
-    # through in 2 of 6 (Bosque Alegre 2 -> 3, DECam e 8 -> 9), so D's kernels count too
+    # NEAR: the reach of a flagged pixel.  Through S's kernels alone it is smaller,
+    # but sources cut by a mask's edge leave residuals beyond it: on the real pairs
+    # an S-only radius let one more spurious candidate through in 2 of 6 (Bosque
+    # Alegre 2 -> 3, DECam e 8 -> 9), so D's kernels count too
     grow = kernel_radius(big_n, big_r, tol=1e-3, **kw)
     fwhm_max = max(psf_fwhm(big_n), psf_fwhm(big_r))
     peak = max(2, int(round(0.5 * fwhm_max)))
@@ -615,9 +615,10 @@ class TileEngine:
             blank = _blank_sky(self.sub.inputs, region, cw, self._grown, sig_n, sig_r, b)
         tim["prepare"] += time.perf_counter() - t2
         mask_ext = self._grown[region.slices]
+        # fft forward ... score
         out = self.sub.run(ks, region, astrometric_sigma=p.astrometric_sigma, var_const=var_const,
                            model_error=o.model_error, static_mask=mask_ext,
-                           exclude=EXCLUDE_CANDIDATE, timings=tim, out=buffer)  # fft forward ... score
+                           exclude=EXCLUDE_CANDIDATE, timings=tim, out=buffer)
         t3 = time.perf_counter()
         core = slice(b, b + cw.shape[0]), slice(b, b + cw.shape[1])
         nc = dict(factor=1.0, measured=float("nan"), err=float("nan"), applied=False)

@@ -35,7 +35,10 @@ from .simulate import _KINDS, _add_points, _disc, _fft_convolve, _stamp, backgro
 
 __all__ = ["DrizzledPair", "make_drizzled_pair", "write_drizzled_pair"]
 
-_STAMP_NATIVE = 25  # native-pixel stamp of a point source (Moffat wings to < 0.3 %)
+def _stamp_size(fwhm):
+    """Odd native-pixel stamp of a point source: 16 FWHM, at least 25 (beta-2.5 Moffat
+    wings beyond it hold < 0.3 % of the flux)."""
+    return max(25, int(math.ceil(16.0 * fwhm)) | 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,10 +96,11 @@ def _render(native_shape, pos, fluxes, galaxies, fwhm, beta, oversample, sky):
     img = np.full(native_shape, sky, dtype=np.float32)
     order = np.argsort(pos[:, 1], kind="stable")
     fw = np.full(len(pos), fwhm)
+    size = _stamp_size(fwhm)
     _add_points(img, 0, pos[order, 0].copy(), pos[order, 1].copy(), fluxes[order].copy(), fw,
-                _KINDS["moffat"], beta, oversample, np.empty((_STAMP_NATIVE, _STAMP_NATIVE)))
+                _KINDS["moffat"], beta, oversample, np.empty((size, size)))
     if galaxies:
-        psf = np.empty((_STAMP_NATIVE, _STAMP_NATIVE))
+        psf = np.empty((size, size))
         _stamp(_KINDS["moffat"], fwhm, beta, 0.0, 0.0, oversample, psf)
         ny, nx = native_shape
         for gx, gy, gflux, scale, q, theta in galaxies:
@@ -146,6 +150,8 @@ def _source_noise_factor(native_shape, stars, galaxies, at, scale, offset, fwhm,
     """``sqrt(sky_var / (sky_var + b))`` at each position ``at`` (output grid), with ``b``
     the static sources' light there (electrons per detector pixel, weighted by the PSF
     squared over 7x7 pixels): the loss of S/N to the Poisson noise of a host or a star."""
+    if not sky_var > 0:  # no sky noise: nothing to compare the static light with
+        return np.ones(len(at[0]))
     sx, sy, sflux = stars
     px, py = _native_position(sx, sy, scale, offset)
     gx, gy = _native_position(galaxies[0], galaxies[1], scale, offset)

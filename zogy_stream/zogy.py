@@ -37,6 +37,7 @@ import numpy as np
 from . import _numba as nk
 from .errors import InputError
 from .fft import RealFFT2
+from .options import word_or_number
 from .psf import normalise_psf, psf_to_origin
 
 __all__ = [
@@ -232,18 +233,15 @@ def _support_radius(kernel: np.ndarray, tol: float) -> int:
 
 
 def kernel_radius(psf_n, psf_r, *, sigma_n: float, sigma_r: float, flux_ratio: float = 1.0,
-                  tol: float = 1e-6, max_radius: int = 256,
-                  kernels: tuple[str, ...] = ("kd_n", "kd_r", "k_n", "k_r")) -> int:
+                  tol: float = 1e-6, max_radius: int = 256) -> int:
     """Support radius of the real-space ZOGY kernels (D and S) for a PSF pair.
 
-    The radius holds all but a fraction ``tol`` of the energy of each of
-    ``kernels`` (default: D's, eq. 13, and S's, eqs. 28-29); it sets the tile
-    overlap and the image-space kernel size.  S, S_corr and FLUX see an input
-    pixel only through ``("k_n", "k_r")``; D's kernels can be far wider: where
-    the two PSF transforms fall to zero at different frequencies, as for drizzled
+    The radius holds all but a fraction ``tol`` of the energy of each of D's
+    (eq. 13) and S's (eqs. 28-29) kernels; it sets the tile overlap and the
+    image-space kernel size.  D's kernels can be far wider than S's: where the
+    two PSF transforms fall to zero at different frequencies, as for drizzled
     undersampled PSFs near Nyquist, their ratio has sharp features and D's
-    kernels ring.  (The pipeline's NEAR zone still uses all four: residuals of
-    sources cut by a mask's edge reach beyond S's kernels.)
+    kernels ring.
     """
     size = max(psf_n.shape + psf_r.shape)
     n = 64
@@ -253,7 +251,7 @@ def kernel_radius(psf_n, psf_r, *, sigma_n: float, sigma_r: float, flux_ratio: f
         ks = make_kernels(spectra, sigma_n=sigma_n, sigma_r=sigma_r, flux_ratio=flux_ratio,
                           dtype=np.float64)
         r = max(_support_radius(ks.real_space(name, n // 2 - 1), tol)
-                for name in kernels)
+                for name in ("kd_n", "kd_r", "k_n", "k_r"))
         if r < n // 4 or n >= 2 * max_radius:
             break
         n *= 2
@@ -625,8 +623,6 @@ def zogy(new, ref, new_psf, ref_psf, *, new_var=None, ref_var=None, flux_ratio: 
         sigma_ref = math.sqrt(float(np.median(ref_var))) if ref_var is not None else robust_sigma(ref)
     has_var = new_var is not None or ref_var is not None
     sx, sy = (float(v) for v in astrometric_sigma)
-    from .options import word_or_number  # the parser Options and the CLI use
-
     model_error = word_or_number("model_error", model_error, ("auto",),
                                  lambda v: 0 <= v <= 1, "in [0, 1]")
     split = sx > 0 or sy > 0 or model_error == "auto" or model_error > 0
