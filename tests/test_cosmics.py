@@ -117,6 +117,68 @@ def test_hits_found_stars_spared(scene):
     assert (bare & ~ndimage.binary_dilation(injected, iterations=1)).sum() <= 10
 
 
+def _sparse_field_with_hits(seed=5, shape=(768, 768)):
+    """Few stars (two saturated), 24 hits from single pixels to 24-px tracks, some at
+    the image border, and a masked band."""
+    rng = np.random.default_rng(seed)
+    xs, ys = rng.uniform(5, shape[1] - 5, 25), rng.uniform(5, shape[0] - 5, 25)
+    flux = 10 ** rng.uniform(3.0, 5.5, 25)
+    flux[:2] = 5e6
+    img = gaussian_stars(shape, xs, ys, flux, 3.0) + SKY
+    img = np.minimum((rng.poisson(img * GAIN) + rng.normal(0.0, READ_NOISE, shape)) / GAIN,
+                     SATURATION)
+    for i in range(24):
+        y, x = (0, int(rng.integers(0, shape[1]))) if i < 3 else rng.integers(0, shape, 2)
+        n, ang = int(rng.integers(1, 25)), rng.uniform(0, np.pi)
+        for t in range(n):
+            yy, xx = int(y + t * np.sin(ang)), int(x + t * np.cos(ang))
+            if 0 <= yy < shape[0] and 0 <= xx < shape[1]:
+                img[yy, xx] += rng.uniform(200.0, 3000.0)
+    mask = np.zeros(shape, bool)
+    mask[300:310, 200:500] = True
+    return img, mask
+
+
+@needs_astroscrappy
+@pytest.mark.parametrize("fwhm", [None, 3.0])
+def test_windows_give_the_whole_image_result(fwhm, monkeypatch):
+    """L.A.Cosmic run only in packed windows around the pixels that can pass its first
+    test flags exactly the pixels the whole-image run flags, on less than half the area."""
+    import astroscrappy
+
+    img, mask = _sparse_field_with_hits()
+    kw = dict(gain=GAIN, read_noise=READ_NOISE, saturation=SATURATION, fwhm=fwhm, mask=mask)
+    whole = detect_cosmic_rays(img, windowed=False, **kw)
+    calls = []
+    real = astroscrappy.detect_cosmics
+
+    def spy(data, **k):
+        calls.append(data.shape)
+        return real(data, **k)
+
+    monkeypatch.setattr(astroscrappy, "detect_cosmics", spy)
+    windowed = detect_cosmic_rays(img, **kw)
+    assert len(calls) == 1 and calls[0][0] * calls[0][1] < 0.5 * img.size, calls
+    assert whole.sum() > 300  # the hits are there to be found
+    assert np.array_equal(windowed, whole)
+
+
+@needs_astroscrappy
+def test_windows_fall_back_to_the_whole_image_when_crowded(monkeypatch):
+    import astroscrappy
+
+    rng = np.random.default_rng(3)
+    img = SKY + rng.normal(0.0, np.sqrt(SKY / GAIN), (256, 256))
+    img[rng.integers(0, 256, 400), rng.integers(0, 256, 400)] += 2000.0  # hits everywhere
+    calls = []
+    real = astroscrappy.detect_cosmics
+    monkeypatch.setattr(astroscrappy, "detect_cosmics",
+                        lambda data, **k: calls.append(data.shape) or real(data, **k))
+    found = detect_cosmic_rays(img, gain=GAIN, read_noise=READ_NOISE)
+    assert calls == [(256 + 16, 256 + 16)]  # the whole (edge-extended) image
+    assert found.sum() >= 350
+
+
 @needs_astroscrappy
 @pytest.mark.parametrize("fwhm", [2.5, 4.0])
 def test_no_false_hits_on_clean_frames(fwhm):

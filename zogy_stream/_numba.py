@@ -455,3 +455,41 @@ def _peaks(sc, mask, b, threshold, radius, exclude):
                 ys.append(y)
                 xs.append(x)
     return np.array(ys, dtype=np.int64), np.array(xs, dtype=np.int64)
+
+
+# ------------------------------------------------------ cosmic-ray seeds
+@njit(parallel=True, **_OPTS)
+def _lacosmic_seeds(e, rn2, thresh, rowmin, out):
+    """Pixels where L.A.Cosmic's first test (S' > sigclip) can pass.
+
+    ``e`` is the image in electrons.  L.A.Cosmic's Laplacian of the 2x
+    subsampled image, clipped at 0 and rebinned, is at each pixel the mean
+    over its four sub-pixels of ``max(2 p - l - u, 0)`` (``l``, ``u`` the
+    pixel's neighbours on that sub-pixel's sides; 0 outside the image, as
+    astroscrappy has it).  Its S' divides that by twice the noise from a
+    median of ``e + rn2`` in a 7 x 7 box and subtracts a (non-negative)
+    median of itself; using the box *minimum* instead of the median can only
+    raise the value, so every pixel L.A.Cosmic's first pass flags is set in
+    ``out``.  ``rowmin`` is scratch of ``e``'s shape.
+    """
+    ny, nx = e.shape
+    for y in prange(ny):
+        for x in range(nx):
+            m = e[y, x]
+            for k in range(max(0, x - 3), min(nx, x + 4)):
+                m = min(m, e[y, k])
+            rowmin[y, x] = m + rn2
+    for y in prange(ny):
+        for x in range(nx):
+            v = rowmin[y, x]
+            for k in range(max(0, y - 3), min(ny, y + 4)):
+                v = min(v, rowmin[k, x])
+            noise = np.sqrt(max(v, 1e-5))
+            p2 = 2.0 * e[y, x]
+            le = e[y, x - 1] if x > 0 else 0.0
+            ri = e[y, x + 1] if x < nx - 1 else 0.0
+            up = e[y - 1, x] if y > 0 else 0.0
+            do = e[y + 1, x] if y < ny - 1 else 0.0
+            lap = (max(p2 - le - up, 0.0) + max(p2 - ri - up, 0.0)
+                   + max(p2 - le - do, 0.0) + max(p2 - ri - do, 0.0))
+            out[y, x] = lap / 8.0 > thresh * noise
