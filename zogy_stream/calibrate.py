@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 #: fewest stars for a tile's own PSF (else the mosaic-wide one)
 MIN_LOCAL_STARS = 8
+#: detection threshold (sigma) of the star catalogues, and of the sources masked for
+#: their background maps
+STAR_THRESHOLD = 5.0
 #: fewest stars for the mosaic-wide empirical PSF (fewer: a Moffat fitted to them; a
 #: stack of a handful of stars is noisy and its noise spreads the ZOGY kernels)
 MIN_GLOBAL_STARS = 10
@@ -82,8 +85,12 @@ class PsfSource:
         return self.kind == "psfex" or (self.kind == "auto" and self.local)
 
     def for_tile(self, tile, window: np.ndarray | None, *, saturation: float,
-                 stars=None) -> tuple[np.ndarray, str, dict]:
-        """``(psf, source, info)`` for one tile; ``source`` is image/psfex/local/global."""
+                 stars=None, background=None, rms=None) -> tuple[np.ndarray, str, dict]:
+        """``(psf, source, info)`` for one tile; ``source`` is image/psfex/local/global.
+
+        ``background`` and ``rms`` are the window's maps when already measured
+        (:func:`zogy_stream.stars.background_maps`).
+        """
         if self.kind == "image":
             return self.psf, "image", {}
         if self.kind == "psfex":
@@ -100,7 +107,8 @@ class PsfSource:
             try:
                 sat = saturation if math.isfinite(saturation) else None
                 psf, info = estimate_psf(window, size=size, saturation=sat, stars=stars,
-                                         min_stars=MIN_LOCAL_STARS, snr_min=15.0)
+                                         min_stars=MIN_LOCAL_STARS, snr_min=15.0,
+                                         background=background, rms=rms)
                 f_loc, f_glob = psf_fwhm(psf), psf_fwhm(self.psf)
                 if 0.6 <= f_loc / f_glob <= 1.6:
                     return (shift_psf(pad_psf(psf, self.size), *self.shift), "local",
@@ -186,25 +194,30 @@ class RegionStars:
     cat: object  # astropy Table (box coordinates)
     psf: np.ndarray | None = None  # this region's estimated PSF (estimate_global_psf)
     saturation: float | None = None  # saturation level of the image (None: none)
+    back: np.ndarray | None = None  # background and noise maps (measured once, shared)
+    rms: np.ndarray | None = None
 
 
 def region_stars(reader, boxes, *, saturation: float, gain: float | None) -> list[RegionStars]:
     """Star catalogues of the sampled regions of one image (failures give empty tables)."""
     from astropy.table import Table
 
-    from .stars import find_stars
+    from .stars import background_maps, find_stars
 
     out = []
     sat = saturation if math.isfinite(saturation) else None
     for box in boxes:
         data = np.array(reader.read(box), dtype=np.float32)
         reader.release(box)
+        back = rms = None
         try:
-            cat = find_stars(data, saturation=sat, gain=gain, threshold=5.0)
+            back, rms = background_maps(data, saturation=sat, threshold=STAR_THRESHOLD)
+            cat = find_stars(data, saturation=sat, gain=gain, threshold=STAR_THRESHOLD,
+                             background=back, rms=rms)
         except (ProcessingError, InputError) as exc:
             log.info("%s: no stars in region %s (%s)", reader.label, box, exc)
             cat = Table(names=("x", "y", "flux", "flux_err", "snr"))
-        out.append(RegionStars(box, data, cat, saturation=sat))
+        out.append(RegionStars(box, data, cat, saturation=sat, back=back, rms=rms))
     return out
 
 
@@ -237,7 +250,8 @@ def estimate_global_psf(regions, label: str, *, saturation: float,
             continue
         try:
             psf, info = estimate_psf(r.data, size=psf_size, saturation=sat, stars=r.cat,
-                                     min_stars=MIN_GLOBAL_STARS, snr_min=15.0)
+                                     min_stars=MIN_GLOBAL_STARS, snr_min=15.0,
+                                     background=r.back, rms=r.rms)
         except (ProcessingError, InputError) as exc:
             log.info("%s: no PSF from region %s (%s)", label, r.box, exc)
             continue
@@ -276,7 +290,8 @@ def _model_psf_source(regions, label: str, *, sat, psf_size, local) -> PsfSource
         if len(r.cat) == 0:
             continue
         try:
-            _, info = fit_psf_model(r.data, stars=r.cat, saturation=sat, size=psf_size)
+            _, info = fit_psf_model(r.data, stars=r.cat, saturation=sat, size=psf_size,
+                                    background=r.back, rms=r.rms)
         except (ProcessingError, InputError) as exc:
             reasons.append(str(exc))
             continue
@@ -385,7 +400,8 @@ def _common_star_psfs(rn: RegionStars, rr: RegionStars
             common[ii[both]] = True
             cat["star_like"] = np.asarray(cat["star_like"], bool) & common
             psf, _ = estimate_psf(r.data, size=r.psf.shape[0], saturation=r.saturation,
-                                  stars=cat, min_stars=MIN_GLOBAL_STARS, snr_min=snr_min)
+                                  stars=cat, min_stars=MIN_GLOBAL_STARS, snr_min=snr_min,
+                                  background=r.back, rms=r.rms)
             out.append(psf)
     except (ProcessingError, InputError) as exc:
         log.info("region %s: flux-ratio PSFs from each image's own stars (%s)", rn.box,

@@ -485,16 +485,22 @@ class TileEngine:
         need_cat = [s.kind == "auto" and s.local for s in (src_n, src_r)]
         if p.local_flux_ratio:
             need_cat = [True, True]
+        maps = [(None, None), (None, None)]
         if any(need_cat):
-            from .stars import find_stars
+            from .calibrate import STAR_THRESHOLD
             from .errors import ProcessingError
+            from .stars import background_maps, find_stars
 
             for k, label in enumerate(("NEW", "REF")):
                 if need_cat[k]:
                     sat = p.saturation[k]
-                    try:
-                        cats[k] = find_stars(win[label], saturation=sat if math.isfinite(sat)
-                                             else None, gain=p.gain[k], threshold=5.0)
+                    sat = sat if math.isfinite(sat) else None
+                    try:  # one background for the catalogue and the PSF
+                        maps[k] = background_maps(win[label], saturation=sat,
+                                                  threshold=STAR_THRESHOLD)
+                        cats[k] = find_stars(win[label], saturation=sat, gain=p.gain[k],
+                                             threshold=STAR_THRESHOLD, background=maps[k][0],
+                                             rms=maps[k][1])
                     except (ProcessingError, InputError):
                         cats[k] = None
         psfs, srcs = [], []
@@ -503,7 +509,8 @@ class TileEngine:
             cat = cats[k]
             window = win[label] if (src.kind == "auto" and src.local and cat is not None
                                     and len(cat)) else None
-            psf, how, _ = src.for_tile(tile, window, saturation=p.saturation[k], stars=cat)
+            psf, how, _ = src.for_tile(tile, window, saturation=p.saturation[k], stars=cat,
+                                       background=maps[k][0], rms=maps[k][1])
             psfs.append(psf)
             srcs.append(how)
         extra["psf"] = tuple(psfs)

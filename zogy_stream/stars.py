@@ -32,6 +32,7 @@ from scipy.spatial import cKDTree
 from .errors import InputError, ProcessingError
 
 __all__ = [
+    "background_maps",
     "find_stars",
     "estimate_psf",
     "match_stars",
@@ -117,10 +118,11 @@ def _check_number(name, value, *, minimum=None, integer=False):
 class _Prepared:
     """Background-subtracted image, bad-pixel masks and noise of one image."""
 
-    __slots__ = ("sub", "bad", "sat", "rms", "rms_scalar")
+    __slots__ = ("sub", "bad", "sat", "rms", "rms_scalar", "back")
 
-    def __init__(self, sub, bad, sat, rms, rms_scalar):
+    def __init__(self, sub, bad, sat, rms, rms_scalar, back):
         self.sub, self.bad, self.sat, self.rms, self.rms_scalar = sub, bad, sat, rms, rms_scalar
+        self.back = back
 
 
 def _sep_background(data, bad):
@@ -199,7 +201,7 @@ def _prepare(image, *, background, rms, saturation, mask, mask_sources=False,
     sub[bad & ~sat] = 0.0
     sub = np.ascontiguousarray(sub)
     rms_scalar = float(rms) if np.ndim(rms) == 0 else float(np.median(rms))
-    return _Prepared(sub, bad, sat, rms, rms_scalar)
+    return _Prepared(sub, bad, sat, rms, rms_scalar, background)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,6 +405,44 @@ def _aperture_correction(sub, bad, x, y, flux, snr, flag, r_ap, candidates) -> f
         return float("nan")
     _, med, _ = sigma_clipped_stats(fa[ok] / fb[ok], sigma=3.0, maxiters=10)
     return float(med) if np.isfinite(med) and med > 0 else float("nan")
+
+
+def background_maps(image, *, saturation=None, mask=None, threshold=10.0):
+    """The background and noise maps the estimators of this module use by default.
+
+    A ``sep.Background`` (64-pixel meshes, 3x3 median filter) measured twice,
+    the second time with the sources detected at ``threshold`` sigma masked.
+    Passing them as ``background=`` and ``rms=`` to :func:`find_stars`,
+    :func:`estimate_psf` or :func:`fit_psf_model` of the same image spares
+    each its own measurement.
+
+    Parameters
+    ----------
+    image : array_like, 2-D
+        Image, background not subtracted.
+    saturation : float, optional
+        Pixels at or above it are ignored.
+    mask : ndarray of bool, optional
+        Bad pixels (True) to ignore.
+    threshold : float, optional
+        Detection threshold (sigma) of the sources masked in the second pass.
+
+    Returns
+    -------
+    background, rms : ndarray
+        Maps of the image's shape.
+
+    Raises
+    ------
+    InputError
+        The image is not 2-D or ``mask`` does not match it.
+    ProcessingError
+        Every pixel is masked, or sep cannot measure the background.
+    """
+    _check_number("threshold", threshold, minimum=0)
+    prep = _prepare(image, background=None, rms=None, saturation=saturation, mask=mask,
+                    mask_sources=True, threshold=float(threshold))
+    return prep.back, prep.rms
 
 
 def find_stars(image, *, background=None, rms=None, saturation=None, threshold=10.0,
