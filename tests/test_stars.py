@@ -9,9 +9,9 @@ from astropy.table import Table
 from scipy.special import erf
 
 from zogy_stream.errors import InputError, ProcessingError
-from zogy_stream.stars import (astrometric_sigma, estimate_psf, find_stars, fit_flux_ratio,
-                               fit_psf_model, match_stars, measure_psf, psf_photometry,
-                               registration_offset)
+from zogy_stream.stars import (astrometric_sigma, background_maps, estimate_psf, find_stars,
+                               fit_flux_ratio, fit_psf_model, match_stars, measure_psf,
+                               psf_photometry, registration_offset)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SIG_PER_FWHM = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
@@ -98,6 +98,28 @@ def test_estimate_psf_recovers_truth(kind, fwhm, seed):
     assert abs((psf[core] * yy[core]).sum() / psf[core].sum()) < 0.05
     assert np.abs(psf - truth).sum() < 0.03
     assert psf.min() >= 0.0
+
+
+def test_background_maps_shared_by_catalogue_and_psf():
+    """Maps measured once give the catalogue and PSF each would measure for itself."""
+    shape = (400, 400)
+    rng, xs, ys, fl = star_field(8, shape, n=80, flux=(2e4, 2e5))
+    yy, xx = np.indices(shape)
+    sky = 100.0 + 0.05 * xx + 20.0 * np.exp(-((yy - 200.0) ** 2) / 2e4)  # not flat
+    img = (rng.normal(0.0, 5.0, shape) + sky + render(shape, xs, ys, fl, 3.5)).astype(">f4")
+    back, rms = background_maps(img, threshold=5.0)
+    assert back.shape == rms.shape == shape
+    assert np.median(np.abs(back - sky)) < 1.0 and np.median(rms) == pytest.approx(5.0, rel=0.05)
+    own = find_stars(img, threshold=5.0)
+    shared = find_stars(img, threshold=5.0, background=back, rms=rms)
+    assert len(own) == len(shared) >= 60
+    for col in ("x", "y", "flux", "snr", "fwhm", "star_like", "isolated"):
+        assert np.array_equal(np.asarray(own[col]), np.asarray(shared[col])), col
+    psf_own, _ = estimate_psf(img, size=21, stars=own, threshold=5.0)
+    psf_shared, _ = estimate_psf(img, size=21, stars=shared, background=back, rms=rms)
+    assert np.array_equal(psf_own, psf_shared)
+    with pytest.raises(InputError):
+        background_maps(np.zeros(10))
 
 
 def test_estimate_psf_size_and_min_stars():
