@@ -226,22 +226,22 @@ def _mask_border(mask, width):
 def _lacosmic(astroscrappy, data, kwargs, *, windowed, halo=0):
     """astroscrappy's ``detect_cosmics`` on ``data``, only where hits are possible.
 
-    L.A.Cosmic's tests are local: a pixel is flagged only where its
-    Laplacian significance exceeds ``sigclip`` (or next to such a pixel,
-    growing by one pixel per step), and later iterations change the image
-    only at pixels already flagged.  ``_numba._lacosmic_seeds`` finds, in one
-    cheap pass, a superset of the pixels that can pass the first test; each
-    connected region of seeds grown by ``_KEEP_GROW`` is decided by its
-    bounding box plus ``_WINDOW_MARGIN + halo`` pixels of context; these
-    windows are packed into one array for a single call, their outer pixels
-    masked (astroscrappy's Laplacian takes 0 beyond an
-    array's edge and would flag them).  ``kwargs["inmask"]`` must mask the
-    image's own outer ``_WINDOW_BORDER`` pixels likewise.  On a sparse field this is
-    several times faster than the whole image and gives the same mask; when
-    the packed windows would cover more than ``_WINDOW_FRACTION`` of the image
-    (a crowded field) the image is processed whole.  Returns ``(crmask, clean)``
-    as ``detect_cosmics`` does (``clean`` equals ``data`` outside the windows,
-    where nothing is flagged).
+    L.A.Cosmic's tests are local: a pixel is flagged only where its Laplacian
+    significance exceeds ``sigclip`` (or next to such a pixel, growing by one
+    pixel per step), and later iterations change the image only at pixels
+    already flagged.  ``_numba._lacosmic_seeds`` finds, in one cheap pass, a
+    superset of the pixels that can pass the first test.  Each connected
+    region of seeds grown by ``_KEEP_GROW`` is decided by its bounding box
+    plus ``_WINDOW_MARGIN + halo`` pixels of context.  These windows are
+    packed into one array for a single call, their outer pixels masked
+    (astroscrappy's Laplacian takes 0 beyond an array's edge and would flag
+    them); ``kwargs["inmask"]`` must mask the image's own outer
+    ``_WINDOW_BORDER`` pixels likewise.  On a sparse field this is several
+    times faster than the whole image and gives the same mask; when the
+    packed windows would cover more than ``_WINDOW_FRACTION`` of the image (a
+    crowded field) the image is processed whole.  Returns ``(crmask, clean)``
+    as ``detect_cosmics`` does (``clean`` equals ``data`` outside the
+    windows, where nothing is flagged).
     """
     if not windowed:
         return astroscrappy.detect_cosmics(data, **kwargs)
