@@ -210,8 +210,8 @@ def detect_cosmic_rays(image, *, gain=1.0, read_noise=5.0, saturation=None, sigc
 
 
 _EDGE_PAD = 8  # pixels of extended image around the one given to L.A.Cosmic (at least)
-_KEEP_GROW = 8  # pixels around each seed decided by the window containing it
-_WINDOW_MARGIN = 12  # pixels of context beyond that (plus half the fine-structure kernel)
+_KEEP_GROW = 12  # pixels around each seed decided by its window: the reach of 4 iterations
+_WINDOW_MARGIN = 8  # pixels of context beyond that (plus half the fine-structure kernel)
 _WINDOW_BORDER = 2  # masked outer pixels of a window inside the image (no false edge hits)
 _WINDOW_FRACTION = 0.5  # windows covering more than this of the image: run it whole
 
