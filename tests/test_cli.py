@@ -56,6 +56,10 @@ def scene(tmp_path_factory):
     put("psf1d.fits", psf.sum(axis=0))
     put("psfneg.fits", -psf)
     put("psfzero.fits", np.zeros_like(psf))
+    # sky and noise only: no star to estimate a PSF from (the scene itself has enough
+    # faint stars and transients for a Moffat fit)
+    put("blank.fits", (np.median(new) + np.sqrt(var) * np.random.default_rng(1).normal(
+        size=new.shape)).astype(np.float32))
     v = var.copy()
     v[100, 100] = 0.0
     put("var_zero.fits", v)
@@ -372,9 +376,11 @@ def _bad_cases():
             "--new-psf", str(b("psfneg.fits")(s)), "--ref-psf", str(s["ref_psf"])],
         "psf-zero-sum": lambda s, o: args(s, o / "d.fits", psf=False) + [
             "--new-psf", str(s["new_psf"]), "--ref-psf", str(b("psfzero.fits")(s))],
-        "psf-missing-new": lambda s, o: args(s, o / "d.fits", psf=False) + [
+        "psf-missing-new": lambda s, o: args(s, o / "d.fits", psf=False,
+                                             new=s["bad"]["blank.fits"]) + [
             "--ref-psf", str(s["ref_psf"])],
-        "psf-missing-both": lambda s, o: args(s, o / "d.fits", psf=False),
+        "psf-missing-both": lambda s, o: args(s, o / "d.fits", psf=False,
+                                              new=s["bad"]["blank.fits"]),
         "var-and-err": lambda s, o: args(s, o / "d.fits") + [
             "--new-err", f"{s['bad']['new_mef.fits']}[ERR]"],
         "var-zero": lambda s, o: args(s, o / "d.fits", var=False) + [

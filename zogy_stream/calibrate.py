@@ -32,8 +32,8 @@ from .psf import load_psf, psf_fwhm
 from .tiles import Box
 
 __all__ = ["PsfSource", "load_psf_source", "sample_boxes", "RegionStars", "region_stars",
-           "estimate_global_psf", "fit_global_flux_ratio", "fit_global_astrometric_sigma",
-           "pad_psf", "usable_star_count", "detect_saturation", "defect_mask",
+           "drop_extended_matches", "estimate_global_psf", "fit_global_flux_ratio",
+           "fit_global_astrometric_sigma", "pad_psf", "usable_star_count", "detect_saturation", "defect_mask",
            "fit_registration", "register_psf", "shift_psf"]
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,13 @@ STAR_THRESHOLD = 5.0
 #: fewest stars for the mosaic-wide empirical PSF (fewer: a Moffat fitted to them; a
 #: stack of a handful of stars is noisy and its noise spreads the ZOGY kernels)
 MIN_GLOBAL_STARS = 10
+#: S/N thresholds, in turn, of the stars a Moffat PSF is fitted to when there are too
+#: few for an empirical PSF: faint stars only when no brighter one is found (several
+#: faint stars fitted jointly pin the FWHM down far better than no PSF at all)
+MODEL_STAR_SNR = (20.0, 10.0, 7.0)
+#: fewest matched sources (stars and galaxies) for a flux ratio from cross-convolved
+#: images, used when there are too few stars for the regular fit
+MIN_CROSS_RATIO_SOURCES = 2
 #: most (brightest) stars per region with PSF fluxes for the flux ratio
 MAX_RATIO_STARS = 300
 #: fewest matched stars whose flux ratio is used (with a warning) when the
@@ -221,6 +228,42 @@ def region_stars(reader, boxes, *, saturation: float, gain: float | None) -> lis
     return out
 
 
+def drop_extended_matches(new_regions, ref_regions, *, factor: float = 1.5) -> int:
+    """Unflag as ``star_like`` the sources that the other image shows extended.
+
+    A point source is point-like in both images; in a field with few stars
+    and some galaxies, an image's stellar locus can fall on the galaxies
+    (or a galaxy pass the star cut), while the other image -- with a
+    different PSF, or the new image's transients as its point sources -- has
+    them clearly broader than its own point sources.  A source whose match
+    (within 2 px, S/N >= 10) in the other image is more than ``factor``
+    times that image's stellar locus is marked ``star_like = False``.
+    Returns the number of sources unflagged (the catalogues are changed in place).
+    """
+    from .stars import match_stars
+
+    n = 0
+    if len(new_regions) != len(ref_regions):
+        return 0
+    for rn, rr in zip(new_regions, ref_regions):
+        cats = (rn.cat, rr.cat)
+        if any(len(c) == 0 or "star_like" not in c.colnames for c in cats):
+            continue
+        ia, ib = match_stars(cats[0], cats[1], radius=2.0)
+        for (c, ii), (o, jj) in (((cats[0], ia), (cats[1], ib)), ((cats[1], ib), (cats[0], ia))):
+            locus = float(o.meta.get("fwhm", np.nan))
+            if not np.isfinite(locus):
+                continue
+            wide = ((np.asarray(o["fwhm"])[jj] > factor * locus)
+                    & (np.asarray(o["snr"])[jj] >= 10) & np.asarray(c["star_like"], bool)[ii])
+            if wide.any():
+                c["star_like"][ii[wide]] = False
+                n += int(wide.sum())
+    if n:
+        log.info("%d source(s) unflagged as stars: extended in the other image", n)
+    return n
+
+
 def usable_star_count(regions) -> int:
     n = 0
     for r in regions:
@@ -286,16 +329,19 @@ def _model_psf_source(regions, label: str, *, sat, psf_size, local) -> PsfSource
     from .stars import fit_psf_model, moffat_image
 
     fits_, reasons = [], []
-    for r in regions:
-        if len(r.cat) == 0:
-            continue
-        try:
-            _, info = fit_psf_model(r.data, stars=r.cat, saturation=sat, size=psf_size,
-                                    background=r.back, rms=r.rms)
-        except (ProcessingError, InputError) as exc:
-            reasons.append(str(exc))
-            continue
-        fits_.append(info)
+    for snr_min in MODEL_STAR_SNR:  # the brightest stars there are
+        for r in regions:
+            if len(r.cat) == 0:
+                continue
+            try:
+                _, info = fit_psf_model(r.data, stars=r.cat, saturation=sat, size=psf_size,
+                                        background=r.back, rms=r.rms, snr_min=snr_min)
+            except (ProcessingError, InputError) as exc:
+                reasons.append(str(exc))
+                continue
+            fits_.append(info)
+        if fits_:
+            break
     if not fits_:
         n = usable_star_count(regions)
         raise ProcessingError(f"cannot estimate the PSF of {label}: only {n} usable stars; "
@@ -307,7 +353,8 @@ def _model_psf_source(regions, label: str, *, sat, psf_size, local) -> PsfSource
     psf = moffat_image(fwhm, beta, size)
     n_used = int(w.sum())
     log.warning("%s: too few stars for an empirical PSF; using a Moffat profile (FWHM %.2f px, "
-                "beta %.2f) fitted to %d star(s)", label, fwhm, beta, n_used)
+                "beta %.2f) fitted to %d star(s) of S/N >= %g", label, fwhm, beta, n_used,
+                snr_min)
     return PsfSource(label, "auto", psf, psf, size=size, local=False, n_stars=n_used)
 
 
@@ -483,21 +530,94 @@ def fit_global_flux_ratio(new_regions, ref_regions, *, psfs=None, gains=(None, N
                       aperture_correction=False)
     res, reason = _fit_matched(new_regions, ref_regions, fit)
     if res is None:
-        # a small frame may hold only a few good stars: their (weighted, clipped)
-        # ratio is still far closer to the truth than 1.0, which leaves every
-        # star of the frame as a residual when the transparency differs
-        res, _ = _fit_matched(new_regions, ref_regions,
+        # Too few stars for the regular fit.  Two fallbacks, the more precise one wins:
+        # galaxies too, measured in images given one common PSF; and the few stars
+        # there are, whose (weighted, clipped) ratio is still far closer to the truth
+        # than 1.0, which would leave every star of the frame as a residual.
+        cross = _fit_cross_convolved(new_regions, ref_regions, psfs, snr_min)
+        few, _ = _fit_matched(new_regions, ref_regions,
                               partial(fit, min_stars=MIN_FEW_RATIO_STARS))
+        what = "matched stars"
+        if cross is not None and (few is None or (np.isfinite(cross[1]) and not few[1] <= cross[1])):
+            res, what = cross, "matched stars and galaxies in cross-convolved images"
+        else:
+            res = few
         if res is not None:
-            log.warning("flux ratio F_n/F_r = %.4f +- %.4f from only %d matched stars (%s); "
-                        "check it, or give --flux-ratio", res[0], res[1], res[2],
-                        reason.split(";")[0])
+            log.warning("flux ratio F_n/F_r = %.4f +- %.4f from only %d %s (%s); check it, or "
+                        "give --flux-ratio", res[0], res[1], res[2], what, reason.split(";")[0])
     if res is None:
         log.warning("cannot fit the flux ratio (%s); using 1.0 (give --flux-ratio)", reason)
         return 1.0, float("nan"), 0, "default"
     ratio, err, n = res
     log.info("flux ratio F_n/F_r = %.4f +- %.4f from %d matched stars", ratio, err, n)
     return float(ratio), float(err), int(n), "auto"
+
+
+def _fit_cross_convolved(new_regions, ref_regions, psfs, snr_min: float
+                         ) -> tuple[float, float, int] | None:
+    """Flux ratio from every matched, isolated, unsaturated source (stars and galaxies).
+
+    Each region of NEW is convolved with REF's PSF and vice versa
+    (:func:`zogy_stream.stars.cross_convolved_photometry`), so that a galaxy
+    has one profile in both and the ratio of its fluxes in a common aperture
+    is ``F_n / F_r``; the ratios are combined as the stars' are
+    (:func:`zogy_stream.stars.fit_flux_ratio`, at least
+    :data:`MIN_CROSS_RATIO_SOURCES`).  ``None`` when that is not possible.
+    """
+    from astropy.table import Table
+
+    from .stars import cross_convolved_photometry, fit_flux_ratio, match_stars
+
+    if len(new_regions) != len(ref_regions):
+        return None
+    psfs = psfs or (None, None)
+    parts = []
+    for rn, rr in zip(new_regions, ref_regions):
+        cn, cr = rn.cat, rr.cat
+        need = ("star_like", "isolated", "saturated", "flag", "fwhm", "snr")
+        if (len(cn) == 0 or len(cr) == 0 or rn.back is None or rr.back is None
+                or any(c not in cat.colnames for c in need for cat in (cn, cr))):
+            continue
+        pn, pr = _region_psf(psfs[0], rn), _region_psf(psfs[1], rr)
+        if pn is None or pr is None:
+            continue
+        ia, ib = match_stars(cn, cr, radius=2.0)
+        ok = np.ones(len(ia), bool)
+        for c, ii in ((cn, ia), (cr, ib)):
+            ok &= (np.asarray(c["isolated"], bool)[ii] & ~np.asarray(c["saturated"], bool)[ii]
+                   & (np.asarray(c["flag"])[ii] == 0) & (np.asarray(c["snr"])[ii] >= snr_min))
+        ia, ib = ia[ok], ib[ok]
+        if len(ia) == 0:
+            continue
+        # one aperture per pair: 1.5 x the source's FWHM after the extra convolution
+        size = np.maximum(np.asarray(cn["fwhm"])[ia], np.asarray(cr["fwhm"])[ib])
+        radius = np.clip(1.5 * np.hypot(size, max(psf_fwhm(pn), psf_fwhm(pr))), 3.0, 40.0)
+        masks = [None if r.saturation is None else np.asarray(r.data) >= r.saturation
+                 for r in (rn, rr)]
+        try:
+            fn, en, fr, er, good = cross_convolved_photometry(
+                np.asarray(rn.data, np.float64) - rn.back,
+                np.asarray(rr.data, np.float64) - rr.back, pn, pr,
+                np.column_stack([np.asarray(cn["x"])[ia], np.asarray(cn["y"])[ia]]),
+                np.column_stack([np.asarray(cr["x"])[ib], np.asarray(cr["y"])[ib]]),
+                radius, rms_new=rn.rms, rms_ref=rr.rms, mask_new=masks[0], mask_ref=masks[1])
+        except InputError as exc:
+            log.info("no cross-convolved photometry in %s (%s)", rn.box, exc)
+            continue
+        parts.append(np.column_stack([fn, en, fr, er])[good])
+    if not parts:
+        return None
+    f = np.concatenate(parts)
+    idx = np.arange(len(f), dtype=np.float64) * 10.0  # distinct positions: rows pair up
+    tn = Table({"x": idx, "y": np.zeros(len(f)), "flux": f[:, 0], "flux_err": f[:, 1]})
+    tr = Table({"x": idx, "y": np.zeros(len(f)), "flux": f[:, 2], "flux_err": f[:, 3]})
+    try:
+        return fit_flux_ratio(tn, tr, snr_min=snr_min, min_stars=MIN_CROSS_RATIO_SOURCES,
+                              isolated_only=False, point_sources=False,
+                              aperture_correction=False)
+    except (ProcessingError, InputError) as exc:
+        log.info("no flux ratio from cross-convolved images (%s)", exc)
+        return None
 
 
 def fit_local_flux_ratio(cat_n, cat_r) -> tuple[float, float, int] | None:

@@ -328,6 +328,7 @@ def _calibrate(inputs: Inputs, opts: Options, readers, shape, sat, gain):
         boxes = cb.sample_boxes(shape)
         regions_n = cb.region_stars(readers["NEW"], boxes, saturation=sat[0], gain=gain[0])
         regions_r = cb.region_stars(readers["REF"], boxes, saturation=sat[1], gain=gain[1])
+        cb.drop_extended_matches(regions_n, regions_r)
     if src_n is None:
         src_n = cb.estimate_global_psf(regions_n, "NEW", saturation=sat[0],
                                        psf_size=opts.psf_size, local=opts.local_psf)

@@ -40,6 +40,7 @@ __all__ = [
     "astrometric_sigma",
     "registration_offset",
     "psf_photometry",
+    "cross_convolved_photometry",
     "fit_psf_model",
     "moffat_image",
     "measure_psf",
@@ -271,14 +272,38 @@ def _window_errors(sub, var, bad, x, y, sig, budget=4_000_000):
     return ex, ey
 
 
+#: half-width of the FWHM window in which point sources are counted (a factor)
+_LOCUS_WINDOW = 1.25
+#: sources sharper than this (px) are not candidates for the stellar locus: a hot
+#: pixel or a one-pixel cosmic-ray hit measures ~0.8 px
+_LOCUS_MIN_FWHM = 1.2
+
+
 def _stellar_locus(fwhm, snr, ok) -> float:
-    """Typical FWHM of point sources: clipped median of the well-measured sources."""
-    sel = ok & np.isfinite(fwhm) & (fwhm > 0)
+    """Typical FWHM of point sources.
+
+    Point sources share one FWHM while galaxies spread over a wide range, so
+    the locus is found where the candidates are densest: the FWHM window of
+    +-25 % holding the most well-measured sources (ties: the sharpest), then
+    the clipped median of the sources in it (the bright ones when there are
+    5).  A plain median of all sources would follow the galaxies in a field
+    with few stars, and every size derived from it (apertures, PSF stamps,
+    the star/galaxy cut) with them.
+    """
+    sel = ok & np.isfinite(fwhm) & (fwhm >= _LOCUS_MIN_FWHM)
+    if not sel.any():
+        sel = ok & np.isfinite(fwhm) & (fwhm > 0)
+    if not sel.any():
+        return float("nan")
+    lf = np.sort(np.log(fwhm[sel]))
+    w = np.log(_LOCUS_WINDOW)
+    counts = np.searchsorted(lf, lf + 2 * w, side="right") - np.arange(len(lf))
+    i = int(np.argmax(counts))  # first maximum: the sharpest of equally dense windows
+    lo, hi = lf[i], lf[i + counts[i] - 1]
+    sel &= (np.log(np.where(sel, fwhm, 1.0)) >= lo) & (np.log(np.where(sel, fwhm, 1.0)) <= hi)
     bright = sel & (snr >= 20)
     if bright.sum() >= 5:
         sel = bright
-    if not sel.any():
-        return float("nan")
     vals = fwhm[sel]
     if len(vals) < 3:
         return float(np.median(vals))
@@ -1198,6 +1223,97 @@ def psf_photometry(image, x, y, psf, *, rms, gain=None, mask=None, annulus=(1.0,
     return flux, err, ok
 
 
+def cross_convolved_photometry(new, ref, new_psf, ref_psf, xy_new, xy_ref, radius, *,
+                               rms_new, rms_ref, mask_new=None, mask_ref=None
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                          np.ndarray]:
+    """Aperture fluxes of matched sources after giving both images one PSF.
+
+    ``new`` is convolved with the reference PSF and ``ref`` with the new one,
+    so that both have the PSF ``P_n (x) P_r``; a static source of any shape
+    then has the same profile in the two, scaled by ``F_n / F_r``, and the
+    ratio of fluxes in one aperture is the flux ratio for galaxies as well as
+    for stars (an aperture or PSF fit of a galaxy under two different PSFs is
+    not).
+
+    Parameters
+    ----------
+    new, ref : array_like, 2-D
+        Background-subtracted images of one shape (NaN: not measured).
+    new_psf, ref_psf : array_like, 2-D
+        Their odd-sided PSFs (normalised here).
+    xy_new, xy_ref : array_like, shape (N, 2)
+        Positions (x, y) of the N matched sources in each image.
+    radius : array_like, shape (N,) or float
+        Aperture radius of each pair in pixels (the same in both images).
+    rms_new, rms_ref : float or ndarray
+        Background noise of the images before convolution.
+    mask_new, mask_ref : ndarray of bool, optional
+        Bad pixels (saturated, ...).
+
+    Returns
+    -------
+    flux_new, err_new, flux_ref, err_ref : ndarray
+        Fluxes and their errors (background noise of the aperture sums).
+    ok : ndarray of bool
+        Aperture clear of the image edges (by the PSF half-size) and of bad pixels.
+
+    Raises
+    ------
+    InputError
+        Images of different shapes, invalid PSFs or positions.
+    """
+    from scipy.signal import fftconvolve
+
+    imgs = [_as_image(new, "new").astype(np.float64), _as_image(ref, "ref").astype(np.float64)]
+    if imgs[0].shape != imgs[1].shape:
+        raise InputError(f"new and ref must have one shape (got {imgs[0].shape} and "
+                         f"{imgs[1].shape})")
+    shape = imgs[0].shape
+    psfs = []
+    for name, p in (("new_psf", new_psf), ("ref_psf", ref_psf)):
+        p = np.asarray(p, np.float64)
+        if p.ndim != 2 or p.shape[0] % 2 == 0 or p.shape[1] % 2 == 0 or not p.sum() > 0:
+            raise InputError(f"{name} must be an odd-sided 2-D array with a positive sum "
+                             f"(got shape {p.shape})")
+        psfs.append(p / p.sum())
+    xys = [np.atleast_2d(np.asarray(v, np.float64)) for v in (xy_new, xy_ref)]
+    if xys[0].shape != xys[1].shape or xys[0].shape[1] != 2:
+        raise InputError("xy_new and xy_ref must both have shape (N, 2)")
+    n = len(xys[0])
+    rad = np.broadcast_to(np.asarray(radius, np.float64), (n,)).copy()
+    if not np.all(np.isfinite(rad) & (rad > 0)):
+        raise InputError("radius must be positive and finite")
+    h = max(max(p.shape) for p in psfs) // 2
+    ok = np.ones(n, bool)
+    out = []
+    for img, other, xy, rms, mask in zip(imgs, psfs[::-1], xys, (rms_new, rms_ref),
+                                         (mask_new, mask_ref)):
+        bad = ~np.isfinite(img)
+        m = _as_mask(mask, shape)
+        if m is not None:
+            bad = bad | m
+        var = _as_plane(rms, shape, "rms", positive=True)
+        var = var * var if np.ndim(var) == 0 else np.ascontiguousarray(var ** 2)
+        conv = fftconvolve(np.where(bad, 0.0, img), other, mode="same")
+        spread = ndimage.binary_dilation(bad, structure=np.ones((2 * h + 1,) * 2, bool)) \
+            if bad.any() else bad
+        x, y = xy[:, 0], xy[:, 1]
+        ok &= (np.isfinite(x) & np.isfinite(y) & (x - rad >= h) & (y - rad >= h)
+               & (x + rad <= shape[1] - 1 - h) & (y + rad <= shape[0] - 1 - h))
+        xs, ys = np.where(ok, x, h + rad), np.where(ok, y, h + rad)
+        f, _, flag = sep.sum_circle(conv, xs, ys, rad, mask=spread, subpix=5)
+        ok &= (flag & (sep.APER_HASMASKED | sep.APER_TRUNC)) == 0
+        # noise of an aperture sum of the convolved image (the aperture is large
+        # against the PSF): that of the image's own aperture sum
+        if np.ndim(var) == 0:
+            v = var * np.pi * rad * rad
+        else:
+            v, _, _ = sep.sum_circle(var, xs, ys, rad, subpix=5)
+        out += [np.asarray(f, np.float64), np.sqrt(np.maximum(v, 0.0))]
+    return out[0], out[1], out[2], out[3], ok
+
+
 # ----------------------------------------------------------------------------------------------
 # matching, flux ratio, astrometric noise
 # ----------------------------------------------------------------------------------------------
@@ -1263,7 +1379,7 @@ def _col(cat, name, default=None):
     return default
 
 
-def _good_pairs(new_cat, ref_cat, radius, snr_min, isolated_only):
+def _good_pairs(new_cat, ref_cat, radius, snr_min, isolated_only, point_sources=False):
     for name, cat in (("new_cat", new_cat), ("ref_cat", ref_cat)):
         _check_catalog(cat, name, ("x", "y", "flux", "flux_err"))
     _check_number("snr_min", snr_min)
@@ -1283,14 +1399,17 @@ def _good_pairs(new_cat, ref_cat, radius, snr_min, isolated_only):
         iso = _col(cat, "isolated")
         if isolated_only and iso is not None:
             ok &= iso.astype(bool)[ii]
+        star = _col(cat, "star_like")
+        if point_sources and star is not None:
+            ok &= star.astype(bool)[ii]
     return ia[ok], ib[ok]
 
 
 def _matched_for(new_cat, ref_cat, radius, snr_min, isolated_only, min_stars, least, what,
-                 hint):
+                 hint, point_sources=False):
     """Matched bright unsaturated pairs for a fit of ``what``; ProcessingError when too few."""
     _check_number("min_stars", min_stars, minimum=least, integer=True)
-    ia, ib = _good_pairs(new_cat, ref_cat, radius, snr_min, isolated_only)
+    ia, ib = _good_pairs(new_cat, ref_cat, radius, snr_min, isolated_only, point_sources)
     if len(ia) < min_stars:
         raise ProcessingError(f"only {len(ia)} matched bright unsaturated stars for {what} "
                               f"(min_stars={min_stars}); check the registration, increase "
@@ -1299,18 +1418,19 @@ def _matched_for(new_cat, ref_cat, radius, snr_min, isolated_only, min_stars, le
 
 
 def fit_flux_ratio(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5, clip=3.0,
-                   isolated_only=True, aperture_correction=True, max_iter=20,
-                   columns=("flux", "flux_err")) -> tuple[float, float, int]:
+                   isolated_only=True, point_sources=True, aperture_correction=True,
+                   max_iter=20, columns=("flux", "flux_err")) -> tuple[float, float, int]:
     """Flux ratio ``F_n / F_r`` from matched stars, with outlier rejection.
 
     Uses matched pairs that are unsaturated, cleanly measured, (optionally)
-    isolated, and have ``S/N >= snr_min`` in both catalogues. The estimate is
-    an inverse-variance weighted mean of ``flux_new / flux_ref`` whose weights
-    combine each star's photometric error with an intrinsic scatter term
-    (fitted so that the reduced chi^2 is 1). Stars more than ``clip`` robust
-    standard deviations from the median ratio are rejected first; then stars
-    more than ``clip`` robust standard deviations from the weighted mean are
-    rejected and the fit repeated until the set of stars no longer changes.
+    isolated and point-like, and have ``S/N >= snr_min`` in both catalogues.
+    The estimate is an inverse-variance weighted mean of ``flux_new /
+    flux_ref`` whose weights combine each star's photometric error with an
+    intrinsic scatter term (fitted so that the reduced chi^2 is 1). Stars
+    more than ``clip`` robust standard deviations from the median ratio are
+    rejected first; then stars more than ``clip`` robust standard deviations
+    from the weighted mean are rejected and the fit repeated until the set of
+    stars no longer changes.
 
     Aperture fluxes miss different fractions of the light when the two PSFs
     differ; with ``aperture_correction=True`` the ratio is multiplied by
@@ -1335,6 +1455,11 @@ def fit_flux_ratio(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5, c
         Rejection threshold in units of the robust normalised scatter.
     isolated_only : bool, optional
         Use only stars flagged ``isolated`` in both catalogues.
+    point_sources : bool, optional
+        Use only sources flagged ``star_like`` in both catalogues (when they
+        have the column): an extended source loses a different fraction of
+        its light from an aperture, or a PSF fit, under a narrow and a broad
+        PSF, and in a field with few stars the galaxies would set the ratio.
     aperture_correction : bool, optional
         Correct to total fluxes with ``meta['aperture_correction']`` when both
         catalogues carry a finite value (otherwise a warning is logged).
@@ -1362,7 +1487,7 @@ def fit_flux_ratio(new_cat, ref_cat, *, radius=2.0, snr_min=20.0, min_stars=5, c
         Fewer than ``min_stars`` usable matched stars.
     """
     ia, ib = _matched_for(new_cat, ref_cat, radius, snr_min, isolated_only, min_stars, 1,
-                          "the flux ratio", ", or pass the ratio")
+                          "the flux ratio", ", or pass the ratio", point_sources)
     fcol, ecol = columns
     if (fcol, ecol) != ("flux", "flux_err"):
         for name, cat in (("new_cat", new_cat), ("ref_cat", ref_cat)):
