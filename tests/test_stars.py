@@ -411,3 +411,77 @@ def test_estimated_narrow_psf_gives_unbiased_psf_fluxes():
         biases.append(np.sum(psf * t) / np.sum(psf * psf))
     assert np.mean(biases) == pytest.approx(1.0, abs=0.005), biases
     assert np.all(np.abs(np.array(biases) - 1.0) < 0.012), biases
+
+
+# ---------------------------------------------------------------------------------------------
+# fields with few stars and more galaxies
+# ---------------------------------------------------------------------------------------------
+def _galaxies(shape, xs, ys, fluxes, sizes, q=0.8):
+    """Elliptical Gaussian 'galaxies' (FWHM ``sizes`` along the major axis)."""
+    yy, xx = np.indices(shape)
+    img = np.zeros(shape)
+    for x, y, f, w in zip(xs, ys, fluxes, sizes):
+        sx, sy = w * SIG_PER_FWHM, q * w * SIG_PER_FWHM
+        img += f * np.exp(-0.5 * (((xx - x) / sx) ** 2 + ((yy - y) / sy) ** 2)) \
+            / (2 * np.pi * sx * sy)
+    return img
+
+
+def test_stellar_locus_with_more_galaxies_than_stars():
+    """Five stars and twelve brighter galaxies: the stellar locus is the stars' FWHM
+    (the median of all sources, used before, was a galaxy's: the galaxies passed as
+    stars and the stars failed the cut)."""
+    shape = (512, 512)
+    rng = np.random.default_rng(7)
+    img = rng.normal(500.0, 8.0, shape)
+    sx, sy = rng.uniform(30, 480, 5), rng.uniform(30, 480, 5)
+    img += render(shape, sx, sy, rng.uniform(1.5e4, 4e4, 5), 3.0)
+    gx, gy = rng.uniform(30, 480, 12), rng.uniform(30, 480, 12)
+    img += _galaxies(shape, gx, gy, rng.uniform(5e4, 2e5, 12), rng.uniform(7.0, 14.0, 12))
+    cat = find_stars(img)
+    assert cat.meta["fwhm"] == pytest.approx(3.0, rel=0.15)
+    for x, y in zip(sx, sy):
+        d = np.hypot(cat["x"] - x, cat["y"] - y)
+        if d.min() < 1 and cat["isolated"][np.argmin(d)]:
+            assert cat["star_like"][np.argmin(d)]
+    for x, y in zip(gx, gy):
+        d = np.hypot(cat["x"] - x, cat["y"] - y)
+        assert d.min() > 2 or not cat["star_like"][np.argmin(d)]
+
+
+def test_cross_convolved_photometry_of_galaxies():
+    """Galaxies under a broad (new) and a narrow (reference) PSF: after the cross
+    convolution the ratio of their fluxes in one aperture is F_n/F_r; PSF fits with
+    each image's own PSF (right for stars) give ratios off by far more."""
+    from zogy_stream.stars import cross_convolved_photometry
+
+    shape, ratio = (384, 384), 1.3
+    rng = np.random.default_rng(3)
+    xs, ys = rng.uniform(40, 344, 10), rng.uniform(40, 344, 10)
+    fl, size = rng.uniform(3e4, 1e5, 10), rng.uniform(4.0, 10.0, 10)
+    psf_n, psf_r = true_psf(31, 4.5), true_psf(31, 2.5)
+    from scipy.signal import fftconvolve
+
+    sky = _galaxies(shape, xs, ys, fl, size)
+    new = ratio * fftconvolve(sky, psf_n, mode="same") + rng.normal(0, 2.0, shape)
+    ref = fftconvolve(sky, psf_r, mode="same") + rng.normal(0, 2.0, shape)
+    xy = np.column_stack([xs, ys])
+    radius = 1.5 * np.hypot(size, 4.5)
+    fn, en, fr, er, ok = cross_convolved_photometry(new, ref, psf_n, psf_r, xy, xy, radius,
+                                                    rms_new=2.0, rms_ref=2.0)
+    assert ok.all() and np.all(en > 0) and np.all(er > 0)
+    assert np.allclose(fn / fr, ratio, rtol=0.01)
+    pn, _, _ = psf_photometry(new, xs, ys, psf_n, rms=2.0)
+    pr, _, _ = psf_photometry(ref, xs, ys, psf_r, rms=2.0)
+    assert np.median(np.abs(pn / pr / ratio - 1)) > 0.1
+    # an aperture over the edge, or over a masked pixel, is not measured
+    mask = np.zeros(shape, bool)
+    mask[int(ys[0]), int(xs[0])] = True
+    edge = xy.copy()
+    edge[1] = (5.0, 200.0)
+    *_, ok2 = cross_convolved_photometry(new, ref, psf_n, psf_r, edge, edge, radius,
+                                         rms_new=2.0, rms_ref=2.0, mask_ref=mask)
+    assert not ok2[0] and not ok2[1] and ok2[2:].all()
+    with pytest.raises(InputError, match="one shape"):
+        cross_convolved_photometry(new, ref[:-1], psf_n, psf_r, xy, xy, radius,
+                                   rms_new=2.0, rms_ref=2.0)

@@ -282,13 +282,14 @@ _LOCUS_MIN_FWHM = 1.2
 def _stellar_locus(fwhm, snr, ok) -> float:
     """Typical FWHM of point sources.
 
-    Point sources share one FWHM while galaxies spread over a wide range, so
-    the locus is found where the candidates are densest: the FWHM window of
-    +-25 % holding the most well-measured sources (ties: the sharpest), then
-    the clipped median of the sources in it (the bright ones when there are
-    5).  A plain median of all sources would follow the galaxies in a field
-    with few stars, and every size derived from it (apertures, PSF stamps,
-    the star/galaxy cut) with them.
+    Point sources share one FWHM and are the sharpest sources but for
+    cosmic rays and hot pixels (below ``_LOCUS_MIN_FWHM``), while galaxies
+    spread over larger ones.  The locus is found in the sharpest FWHM window
+    of +-25 % that holds at least half as many well-measured sources as the
+    densest one (and 3), then it is the clipped median of the sources in it
+    (the bright ones when there are 5).  A plain median of all sources would
+    follow the galaxies in a field with few stars, and every size derived
+    from it (apertures, PSF stamps, the star/galaxy cut) with them.
     """
     sel = ok & np.isfinite(fwhm) & (fwhm >= _LOCUS_MIN_FWHM)
     if not sel.any():
@@ -298,7 +299,9 @@ def _stellar_locus(fwhm, snr, ok) -> float:
     lf = np.sort(np.log(fwhm[sel]))
     w = np.log(_LOCUS_WINDOW)
     counts = np.searchsorted(lf, lf + 2 * w, side="right") - np.arange(len(lf))
-    i = int(np.argmax(counts))  # first maximum: the sharpest of equally dense windows
+    enough = counts >= min(counts.max(), max(3, 0.5 * counts.max()))
+    i = int(np.argmax(enough))  # the sharpest window dense enough
+    i = i + int(np.argmax(counts[i:i + counts[i]]))  # its best-filled neighbour
     lo, hi = lf[i], lf[i + counts[i] - 1]
     sel &= (np.log(np.where(sel, fwhm, 1.0)) >= lo) & (np.log(np.where(sel, fwhm, 1.0)) <= hi)
     bright = sel & (snr >= 20)
