@@ -566,3 +566,33 @@ def test_sources_extended_in_the_other_image_are_not_stars():
     # the galaxy is unflagged; the faint match (S/N 5 in NEW) is left alone
     assert list(ref["star_like"]) == [False, False, True]
     assert list(new["star_like"]) == [True, False, False]
+
+
+def test_moffat_fallback_ignores_regions_whose_stars_are_galaxies():
+    """Two sampled regions of a star-poor mosaic: one with three stars (FWHM 3 px), one
+    whose only sources are two round galaxies (FWHM 10 px), which its own stellar locus
+    takes for stars.  The Moffat PSF is the stars' (the star-weighted mean of the two
+    regions' fits, used before, was ~6 px)."""
+    from conftest import add_source, gaussian
+    from zogy_stream import calibrate as cb
+    from zogy_stream.psf import psf_fwhm
+    from zogy_stream.stars import background_maps, find_stars
+    from zogy_stream.tiles import Box
+
+    shape = (256, 256)
+    regions = []
+    for k, (fwhm, spots) in enumerate(((3.0, [(60, 60), (128, 190), (200, 90)]),
+                                       (10.0, [(80, 80), (180, 170)]))):
+        img = np.random.default_rng(k).normal(100.0, 5.0, shape)
+        for y, x in spots:
+            add_source(img, gaussian(fwhm, 61), 2e5, y, x)
+        img = img.astype(np.float32)
+        back, rms = background_maps(img, threshold=5.0)
+        cat = find_stars(img, gain=1.0, threshold=5.0, background=back, rms=rms)
+        assert cat["star_like"].sum() == len(spots)  # each region's locus is its own
+        box = Box(0, 256, 300 * k, 300 * k + 256)
+        regions.append(cb.RegionStars(box, img, cat, back=back, rms=rms))
+    src = cb.estimate_global_psf(regions, "REF", saturation=np.inf, psf_size=None,
+                                 local=False)
+    assert psf_fwhm(src.psf) == pytest.approx(psf_fwhm(gaussian(3.0, 31)), rel=0.1)
+    assert src.n_stars == 3

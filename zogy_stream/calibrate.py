@@ -50,6 +50,9 @@ MIN_GLOBAL_STARS = 10
 #: few for an empirical PSF: faint stars only when no brighter one is found (several
 #: faint stars fitted jointly pin the FWHM down far better than no PSF at all)
 MODEL_STAR_SNR = (20.0, 10.0, 7.0)
+#: Moffat fits of regions broader than this factor times the sharpest one are left out
+#: (their stars were galaxies; a PSF varying across the field varies far less)
+MAX_MODEL_FWHM_SPREAD = 1.5
 #: fewest matched sources (stars and galaxies) for a flux ratio from cross-convolved
 #: images, used when there are too few stars for the regular fit
 MIN_CROSS_RATIO_SOURCES = 2
@@ -346,6 +349,15 @@ def _model_psf_source(regions, label: str, *, sat, psf_size, local) -> PsfSource
         n = usable_star_count(regions)
         raise ProcessingError(f"cannot estimate the PSF of {label}: only {n} usable stars; "
                               f"give --{label.lower()}-psf")
+    # point sources are the sharpest sources: a region whose few "stars" give a far
+    # broader profile than another region's took galaxies for stars
+    sharpest = min(f["fwhm"] for f in fits_)
+    broad = [f for f in fits_ if f["fwhm"] > MAX_MODEL_FWHM_SPREAD * sharpest]
+    if broad:
+        log.info("%s: Moffat fits of FWHM %s px left out (> %.1f x the sharpest, %.2f px)",
+                 label, ", ".join(f"{f['fwhm']:.2f}" for f in broad), MAX_MODEL_FWHM_SPREAD,
+                 sharpest)
+        fits_ = [f for f in fits_ if f["fwhm"] <= MAX_MODEL_FWHM_SPREAD * sharpest]
     w = np.array([f["n_stars"] for f in fits_], float)
     fwhm = float(np.sum(w * [f["fwhm"] for f in fits_]) / w.sum())
     beta = float(np.exp(np.sum(w * np.log([f["beta"] for f in fits_])) / w.sum()))
