@@ -33,8 +33,8 @@ from .tiles import Box
 
 __all__ = ["PsfSource", "load_psf_source", "sample_boxes", "RegionStars", "region_stars",
            "drop_extended_matches", "estimate_global_psf", "fit_global_flux_ratio",
-           "fit_global_astrometric_sigma", "pad_psf", "usable_star_count", "detect_saturation", "defect_mask",
-           "fit_registration", "register_psf", "shift_psf"]
+           "fit_global_astrometric_sigma", "pad_psf", "usable_star_count", "detect_saturation",
+           "defect_mask", "fit_registration", "register_psf", "shift_psf"]
 
 log = logging.getLogger(__name__)
 
@@ -550,8 +550,12 @@ def fit_global_flux_ratio(new_regions, ref_regions, *, psfs=None, gains=(None, N
         few, _ = _fit_matched(new_regions, ref_regions,
                               partial(fit, min_stars=MIN_FEW_RATIO_STARS))
         what = "matched stars"
-        if cross is not None and (few is None or (np.isfinite(cross[1]) and not few[1] <= cross[1])):
-            res, what = cross, "matched stars and galaxies in cross-convolved images"
+        cross_better = cross is not None and np.isfinite(cross[1]) and not (
+            few is not None and few[1] <= cross[1])
+        if cross_better or few is None:
+            res = cross
+            if cross is not None:
+                what = "matched stars and galaxies in cross-convolved images"
         else:
             res = few
         if res is not None:

@@ -303,7 +303,8 @@ def _stellar_locus(fwhm, snr, ok) -> float:
     i = int(np.argmax(enough))  # the sharpest window dense enough
     i = i + int(np.argmax(counts[i:i + counts[i]]))  # its best-filled neighbour
     lo, hi = lf[i], lf[i + counts[i] - 1]
-    sel &= (np.log(np.where(sel, fwhm, 1.0)) >= lo) & (np.log(np.where(sel, fwhm, 1.0)) <= hi)
+    lg = np.log(np.where(sel, fwhm, 1.0))
+    sel &= (lg >= lo) & (lg <= hi)
     bright = sel & (snr >= 20)
     if bright.sum() >= 5:
         sel = bright
