@@ -1300,8 +1300,9 @@ def cross_convolved_photometry(new, ref, new_psf, ref_psf, xy_new, xy_ref, radiu
         var = _as_plane(rms, shape, "rms", positive=True)
         var = var * var if np.ndim(var) == 0 else np.ascontiguousarray(var ** 2)
         conv = fftconvolve(np.where(bad, 0.0, img), other, mode="same")
-        spread = ndimage.binary_dilation(bad, structure=np.ones((2 * h + 1,) * 2, bool)) \
-            if bad.any() else bad
+        # a bad pixel spoils the convolved image within the PSF's half-size (a square
+        # maximum filter is separable: far cheaper than a dilation with a big structure)
+        spread = ndimage.maximum_filter(bad, size=2 * h + 1) if bad.any() else bad
         x, y = xy[:, 0], xy[:, 1]
         ok &= (np.isfinite(x) & np.isfinite(y) & (x - rad >= h) & (y - rad >= h)
                & (x + rad <= shape[1] - 1 - h) & (y + rad <= shape[0] - 1 - h))
