@@ -9,8 +9,8 @@ import pytest
 from scipy import ndimage
 from scipy.special import erf
 
-from zogy_stream.cosmics import (CosmicsUnavailableError, detect_cosmic_rays, sharper_than_psf,
-                                 sharpness)
+from zogy_stream.cosmics import (CosmicsUnavailableError, detect_cosmic_rays, drop_coincident,
+                                 sharper_than_psf, sharpness)
 from zogy_stream.errors import InputError, ProcessingError
 
 SIG_PER_FWHM = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
@@ -335,3 +335,52 @@ def test_bad_arguments():
         detect_cosmic_rays(np.zeros(10))
     with pytest.raises(InputError, match="grow"):
         detect_cosmic_rays(img, grow=-1)
+
+
+def _undersampled_pair(fwhm=1.8, seed=11, shape=(512, 512)):
+    """Two exposures of one undersampled star field, hits (pixels, 2x2 blocks, tracks)
+    in the first only; returns (a, b, hits mask, psf)."""
+    rng = np.random.default_rng(seed)
+    n = 200
+    xs, ys = rng.uniform(8, shape[1] - 8, n), rng.uniform(8, shape[0] - 8, n)
+    flux = 10 ** rng.uniform(3.0, 5.0, n)
+    clean = gaussian_stars(shape, xs, ys, flux, fwhm) + SKY
+    a, b = ((rng.poisson(clean * GAIN) + rng.normal(0.0, READ_NOISE, shape)) / GAIN
+            for _ in range(2))
+    hits = np.zeros(shape, bool)
+    kinds = ([(0, 0)], [(0, 0), (0, 1), (1, 0), (1, 1)], [(0, 0), (0, 1), (0, 2)])
+    for k in range(60):
+        y, x = rng.integers(4, shape[0] - 4, 2)
+        for dy, dx in kinds[k % 3]:
+            a[y + dy, x + dx] += rng.uniform(500.0, 3000.0)
+            hits[y + dy, x + dx] = True
+    return a, b, hits, clean, psf_array(fwhm)
+
+
+@needs_astroscrappy
+def test_psf_spares_undersampled_stars_and_keeps_hits():
+    """At FWHM 1.8 px L.A.Cosmic's median filter flags star cores; with the PSF the
+    groups shaped like it are dropped, the hits kept."""
+    a, b, hits, clean, psf = _undersampled_pair()
+    stars = ndimage.binary_dilation(clean > SKY + 20 * np.sqrt(SKY / GAIN), iterations=2)
+    plain = detect_cosmic_rays(b, gain=GAIN, read_noise=READ_NOISE)
+    assert (plain & stars).sum() > 20  # the hazard: cores of a hit-free frame flagged
+    assert not (detect_cosmic_rays(b, gain=GAIN, read_noise=READ_NOISE, psf=psf) & stars).any()
+    found = detect_cosmic_rays(a, gain=GAIN, read_noise=READ_NOISE, psf=psf)
+    assert found[hits].mean() > 0.9
+    with pytest.raises(InputError):
+        detect_cosmic_rays(b, gain=GAIN, read_noise=READ_NOISE, psf=np.ones((4, 4)))
+
+
+@needs_astroscrappy
+def test_drop_coincident_keeps_hits_off_the_other_images_sources():
+    a, b, hits, clean, _ = _undersampled_pair()
+    plain = detect_cosmic_rays(a, gain=GAIN, read_noise=READ_NOISE)
+    stars = ndimage.binary_dilation(clean > SKY + 20 * np.sqrt(SKY / GAIN), iterations=2)
+    assert (plain & stars & ~hits).sum() > 20
+    kept = drop_coincident(plain, b)
+    assert (kept & stars & ~ndimage.binary_dilation(hits, iterations=3)).sum() == 0
+    off_stars = hits & ~ndimage.binary_dilation(stars, iterations=3)
+    assert kept[off_stars].mean() > 0.95
+    with pytest.raises(InputError, match="shape"):
+        drop_coincident(plain, b[:-1])

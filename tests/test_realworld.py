@@ -306,14 +306,50 @@ def test_weight_maps_equal_variance_maps():
     assert np.allclose(a[0].scorr[good], b[0].scorr[good], atol=1e-3)
 
 
-def test_cosmic_rays_masked_in_single_exposures():
+@pytest.mark.parametrize("hit", [
+    [(0, 0), (0, 1), (0, 2)],           # a short track
+    [(0, 0), (0, 1), (1, 0), (1, 1)],   # a 2x2 block: missed before (PSF-convolved
+    [(0, 0)],                           # fine structure); a single pixel
+], ids=["track", "block", "pixel"])
+def test_cosmic_rays_masked_in_single_exposures(hit):
     sc = make_scene((256, 256), seed=9, n_transients=0)
     new = sc.new.copy()
-    new[100, 50:53] += 5000.0  # a short track
+    for dy, dx in hit:
+        new[100 + dy, 50 + dx] += 1500.0
     res = list(stream(new, sc.ref, new_psf=sc.new_psf, ref_psf=sc.ref_psf, flux_ratio=1.0,
                       cosmic_rays="on", wisdom=False, tile=256))
-    assert res[0].mask[100, 51] & MaskBit.COSMIC
-    assert not any((c["x_peak"] in (50, 51, 52)) and c["y_peak"] == 100 for c in res[0].candidates)
+    for dy, dx in hit:
+        assert res[0].mask[100 + dy, 50 + dx] & MaskBit.COSMIC
+    assert not any(abs(c["x_peak"] - 50) <= 2 and abs(c["y_peak"] - 100) <= 2
+                   for c in res[0].candidates)
+
+
+def test_many_cosmic_rays_with_nothing_but_the_images(tmp_path):
+    """600 hits (pixels, 2x2 blocks, tracks; 300-3000 ADU) in NEW, images only.  The
+    plan-time star catalogues are measured with the hits masked: before, NEW's
+    stellar locus and PSF fell on the hits (FWHM 1.5 px, not 4), with 356 false
+    candidates and FLUX/true 0.61.  Measured now: 39/40, 1 false, ratio -1.6 %."""
+    p = write_scene(tmp_path, (1024, 1024), seed=3, **SCENE)
+    rng = np.random.default_rng(0)
+    shapes = ([(0, 0)], [(0, 0), (0, 1), (1, 0), (1, 1)], [(0, i) for i in range(4)],
+              [(0, 0), (1, 1), (0, 1)])
+    hits = np.zeros((1024, 1024), bool)
+    with fits.open(p["new"], mode="update") as hl:
+        img = hl[0].data
+        for k in range(600):
+            y, x = rng.integers(5, 1019, 2)
+            amp = rng.uniform(300, 3000)
+            for dy, dx in shapes[k % 4]:
+                img[y + dy, x + dx] += amp
+                hits[y + dy, x + dx] = True
+    s = subtract(p["new"], p["ref"], tmp_path / "out.fits", catalog=tmp_path / "cat.ecsv",
+                 tile=512, wisdom=False)
+    assert s.header["COSMNEW"]
+    with fits.open(s.out) as hl:
+        cosmic = (hl["MASK"].data & int(MaskBit.COSMIC)) > 0
+    assert cosmic[hits].mean() > 0.97
+    assert abs(s.header["FLUXRAT"] / 1.2 - 1) < 0.03
+    _assert_targets(_score(s, Table.read(p["truth"]), Table.read(tmp_path / "cat.ecsv")))
 
 
 def _blank_std(path):

@@ -95,11 +95,12 @@ class PsfSource:
         return self.kind == "psfex" or (self.kind == "auto" and self.local)
 
     def for_tile(self, tile, window: np.ndarray | None, *, saturation: float,
-                 stars=None, background=None, rms=None) -> tuple[np.ndarray, str, dict]:
+                 stars=None, background=None, rms=None, mask=None
+                 ) -> tuple[np.ndarray, str, dict]:
         """``(psf, source, info)`` for one tile; ``source`` is image/psfex/local/global.
 
         ``background`` and ``rms`` are the window's maps when already measured
-        (:func:`zogy_stream.stars.background_maps`).
+        (:func:`zogy_stream.stars.background_maps`); ``mask`` its bad pixels.
         """
         if self.kind == "image":
             return self.psf, "image", {}
@@ -118,7 +119,7 @@ class PsfSource:
                 sat = saturation if math.isfinite(saturation) else None
                 psf, info = estimate_psf(window, size=size, saturation=sat, stars=stars,
                                          min_stars=MIN_LOCAL_STARS, snr_min=15.0,
-                                         background=background, rms=rms)
+                                         background=background, rms=rms, mask=mask)
                 f_loc, f_glob = psf_fwhm(psf), psf_fwhm(self.psf)
                 if 0.6 <= f_loc / f_glob <= 1.6:
                     return (shift_psf(pad_psf(psf, self.size), *self.shift), "local",
@@ -206,10 +207,47 @@ class RegionStars:
     saturation: float | None = None  # saturation level of the image (None: none)
     back: np.ndarray | None = None  # background and noise maps (measured once, shared)
     rms: np.ndarray | None = None
+    mask: np.ndarray | None = None  # bad pixels: the user's mask and cosmic rays (True)
 
 
-def region_stars(reader, boxes, *, saturation: float, gain: float | None) -> list[RegionStars]:
-    """Star catalogues of the sampled regions of one image (failures give empty tables)."""
+def region_stars(reader, boxes, *, saturation: float, gain: float | None, mask_reader=None,
+                 cosmic_rays: bool = False, sigma: float | None = None,
+                 read_noise: float | None = None, other=None) -> list[RegionStars]:
+    """Star catalogues of the sampled regions of one image (failures give empty tables).
+
+    Parameters
+    ----------
+    reader : ImageReader
+        The image.
+    boxes : list of Box
+        The regions (:func:`sample_boxes`).
+    saturation : float
+        Saturation level (ADU; ``inf`` for none).
+    gain : float or None
+        Electrons per ADU (the catalogue's Poisson errors; None: background only).
+    mask_reader : ImageReader, optional
+        The user's mask of the image (non-zero: bad).
+    cosmic_rays : bool, optional
+        Mask cosmic rays in each region first
+        (:func:`zogy_stream.cosmics.exposure_cosmic_rays`, with ``sigma``,
+        ``gain`` and ``read_noise``).  In a single exposure the hits
+        otherwise outnumber the stars: the stellar locus, the PSF and the
+        flux ratio would be measured on them.
+    other : ImageReader, optional
+        The other image of the pair.  With no PSF known yet, L.A.Cosmic also
+        flags the cores of undersampled stars; those sit on a source of the
+        other image and are not masked (:func:`zogy_stream.cosmics.drop_coincident`).
+
+    Returns
+    -------
+    list of RegionStars
+        One per box; the catalogue is empty where no star was found.
+
+    Raises
+    ------
+    CosmicsUnavailableError
+        ``cosmic_rays`` and astroscrappy is not installed.
+    """
     from astropy.table import Table
 
     from .stars import background_maps, find_stars
@@ -219,15 +257,31 @@ def region_stars(reader, boxes, *, saturation: float, gain: float | None) -> lis
     for box in boxes:
         data = np.array(reader.read(box), dtype=np.float32)
         reader.release(box)
+        bad = None
+        if mask_reader is not None:
+            bad = np.asarray(mask_reader.read(box)) != 0
+            mask_reader.release(box)
+        if cosmic_rays:
+            from .cosmics import drop_coincident, exposure_cosmic_rays
+
+            cr = exposure_cosmic_rays(data, sigma=sigma, gain=gain, read_noise=read_noise,
+                                      saturation=sat, bad=bad)
+            if other is not None and cr.any():
+                cr = drop_coincident(cr, other.read(box))
+                other.release(box)
+            log.info("%s: %d cosmic-ray pixel(s) masked for the star catalogue of region %s",
+                     reader.label, int(cr.sum()), box)
+            bad = cr if bad is None else bad | cr
         back = rms = None
         try:
-            back, rms = background_maps(data, saturation=sat, threshold=STAR_THRESHOLD)
+            back, rms = background_maps(data, saturation=sat, mask=bad,
+                                        threshold=STAR_THRESHOLD)
             cat = find_stars(data, saturation=sat, gain=gain, threshold=STAR_THRESHOLD,
-                             background=back, rms=rms)
+                             background=back, rms=rms, mask=bad)
         except (ProcessingError, InputError) as exc:
             log.info("%s: no stars in region %s (%s)", reader.label, box, exc)
             cat = Table(names=("x", "y", "flux", "flux_err", "snr"))
-        out.append(RegionStars(box, data, cat, saturation=sat, back=back, rms=rms))
+        out.append(RegionStars(box, data, cat, saturation=sat, back=back, rms=rms, mask=bad))
     return out
 
 
@@ -297,7 +351,7 @@ def estimate_global_psf(regions, label: str, *, saturation: float,
         try:
             psf, info = estimate_psf(r.data, size=psf_size, saturation=sat, stars=r.cat,
                                      min_stars=MIN_GLOBAL_STARS, snr_min=15.0,
-                                     background=r.back, rms=r.rms)
+                                     background=r.back, rms=r.rms, mask=r.mask)
         except (ProcessingError, InputError) as exc:
             log.info("%s: no PSF from region %s (%s)", label, r.box, exc)
             continue
@@ -338,7 +392,8 @@ def _model_psf_source(regions, label: str, *, sat, psf_size, local) -> PsfSource
                 continue
             try:
                 _, info = fit_psf_model(r.data, stars=r.cat, saturation=sat, size=psf_size,
-                                        background=r.back, rms=r.rms, snr_min=snr_min)
+                                        background=r.back, rms=r.rms, snr_min=snr_min,
+                                        mask=r.mask)
             except (ProcessingError, InputError) as exc:
                 reasons.append(str(exc))
                 continue
@@ -460,7 +515,7 @@ def _common_star_psfs(rn: RegionStars, rr: RegionStars
             cat["star_like"] = np.asarray(cat["star_like"], bool) & common
             psf, _ = estimate_psf(r.data, size=r.psf.shape[0], saturation=r.saturation,
                                   stars=cat, min_stars=MIN_GLOBAL_STARS, snr_min=snr_min,
-                                  background=r.back, rms=r.rms)
+                                  background=r.back, rms=r.rms, mask=r.mask)
             out.append(psf)
     except (ProcessingError, InputError) as exc:
         log.info("region %s: flux-ratio PSFs from each image's own stars (%s)", rn.box,
@@ -501,7 +556,7 @@ def _add_psf_fluxes(regions, src: PsfSource | None, gain, snr_min: float,
         if not rms > 0:
             continue
         f, e, ok = psf_photometry(r.data, np.asarray(c["x"])[idx], np.asarray(c["y"])[idx],
-                                  psf, rms=rms, gain=gain)
+                                  psf, rms=rms, gain=gain, mask=r.mask)
         c["psf_flux"][idx[ok]] = f[ok]
         c["psf_flux_err"][idx[ok]] = e[ok]
         done = done or bool(ok.any())
@@ -569,6 +624,15 @@ def fit_global_flux_ratio(new_regions, ref_regions, *, psfs=None, gains=(None, N
     return float(ratio), float(err), int(n), "auto"
 
 
+def _bad_pixels(r: RegionStars) -> np.ndarray | None:
+    """A region's masked and saturated pixels (None: none)."""
+    bad = r.mask
+    if r.saturation is not None:
+        sat = np.asarray(r.data) >= r.saturation
+        bad = sat if bad is None else bad | sat
+    return bad
+
+
 def _fit_cross_convolved(new_regions, ref_regions, psfs, snr_min: float
                          ) -> tuple[float, float, int] | None:
     """Flux ratio from every matched, isolated, unsaturated source (stars and galaxies).
@@ -608,8 +672,7 @@ def _fit_cross_convolved(new_regions, ref_regions, psfs, snr_min: float
         # one aperture per pair: 1.5 x the source's FWHM after the extra convolution
         size = np.maximum(np.asarray(cn["fwhm"])[ia], np.asarray(cr["fwhm"])[ib])
         radius = np.clip(1.5 * np.hypot(size, max(psf_fwhm(pn), psf_fwhm(pr))), 3.0, 40.0)
-        masks = [None if r.saturation is None else np.asarray(r.data) >= r.saturation
-                 for r in (rn, rr)]
+        masks = [_bad_pixels(r) for r in (rn, rr)]
         try:
             fn, en, fr, er, good = cross_convolved_photometry(
                 np.asarray(rn.data, np.float64) - rn.back,

@@ -10,13 +10,15 @@ detections.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 from astropy.stats import mad_std
 
 from .errors import InputError, ProcessingError
 
-__all__ = ["CosmicsUnavailableError", "detect_cosmic_rays", "sharpness", "sharper_than_psf"]
+__all__ = ["CosmicsUnavailableError", "detect_cosmic_rays", "drop_coincident",
+           "exposure_cosmic_rays", "sharpness", "sharper_than_psf"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def _positive(name, value, *, allow_zero=False):
 def detect_cosmic_rays(image, *, gain=1.0, read_noise=5.0, saturation=None, sigclip=4.5,
                        sigfrac=0.3, objlim=5.0, niter=4, mask=None, sky=None,
                        fwhm=None, min_significance=None, grow=1,
-                       windowed=True) -> np.ndarray:
+                       windowed=True, psf=None) -> np.ndarray:
     """Boolean mask of cosmic-ray pixels (L.A.Cosmic via astroscrappy).
 
     L.A.Cosmic's Laplacian test at ``sigclip`` = 4.5 also fires on single
@@ -95,8 +97,10 @@ def detect_cosmic_rays(image, *, gain=1.0, read_noise=5.0, saturation=None, sigc
     fwhm : float, optional
         PSF FWHM in pixels. If given, the fine-structure image is built by
         convolving with a Gaussian of this FWHM (astroscrappy's
-        ``fsmode='convolve'``) instead of median filtering, which protects
-        stars better in well-sampled images.
+        ``fsmode='convolve'``) instead of median filtering. With the default
+        ``objlim`` it misses most compact hits: on a simulated exposure none
+        of the 2x2-pixel hits at FWHM 4 px, and 97 % of all hits at FWHM 2 px
+        (the median filter: 1 %). Prefer ``psf``.
     min_significance : float, optional
         Peak significance a flagged group needs (default ``sqrt(2 ln N) + 0.5``
         for an image of ``N`` pixels; 0 keeps every group).
@@ -106,6 +110,14 @@ def detect_cosmic_rays(image, *, gain=1.0, read_noise=5.0, saturation=None, sigc
         Run L.A.Cosmic only in windows around the pixels that can pass its
         first test (default; same result, several times faster on a sparse
         field); False runs it on the whole image.
+    psf : ndarray, 2-D, optional
+        The image's PSF (odd sides, centred).  A flagged group whose peak does
+        not stand above a PSF fit to its source (in none of the four directions
+        of :func:`sharpness` an index above 0.15 with an excess above 2 sigma)
+        is a star or a transient, not a hit, and is dropped.  L.A.Cosmic's
+        median filter flags the cores of undersampled stars: on a simulated
+        clean frame at FWHM 2 px 1427 pixels in 62 groups, none after this
+        test, which keeps 98 % of the hits at FWHM 2 px and 99.5 % at 2.5-4 px.
 
     Returns
     -------
@@ -167,6 +179,8 @@ def detect_cosmic_rays(image, *, gain=1.0, read_noise=5.0, saturation=None, sigc
         _positive("fwhm", fwhm)
         size = int(2 * np.ceil(1.5 * fwhm) + 1)
         kwargs.update(fsmode="convolve", psfmodel="gauss", psffwhm=float(fwhm), psfsize=size)
+    if psf is not None:
+        psf = _validate(psf, psf, None)[1]
     if min_significance is None:
         min_significance = float(np.sqrt(2.0 * np.log(max(data.size, 2)))) + 0.5
     _positive("min_significance", min_significance, allow_zero=True)
@@ -196,6 +210,9 @@ def detect_cosmic_rays(image, *, gain=1.0, read_noise=5.0, saturation=None, sigc
     if crmask.any() and min_significance > 0:
         crmask = _significant_groups(crmask, data, np.asarray(clean, np.float64), float(gain),
                                      float(read_noise), min_significance)
+    if psf is not None and crmask.any():
+        crmask = _sharper_groups(crmask, data, np.asarray(psf, np.float64), float(gain),
+                                 float(read_noise))
     if crmask.any():
         crmask = _follow_wings(crmask, data, np.asarray(clean, np.float64), float(gain),
                                float(read_noise))
@@ -207,6 +224,66 @@ def detect_cosmic_rays(image, *, gain=1.0, read_noise=5.0, saturation=None, sigc
     log.debug("L.A.Cosmic flagged %d pixels, %d after the significance test and growth",
               n_raw, int(crmask.sum()))
     return crmask
+
+
+def exposure_cosmic_rays(image, *, sigma: float, gain: float | None,
+                         read_noise: float | None, saturation: float | None = None,
+                         bad=None, psf=None) -> np.ndarray:
+    """Cosmic-ray mask of a window of one exposure, its noise model inferred.
+
+    :func:`detect_cosmic_rays` needs the gain and read noise of the detector.
+    With ``gain`` known, the read noise is ``read_noise`` or the part of the
+    background noise ``sigma`` (ADU) the sky's Poisson noise does not explain;
+    without it, the effective gain is the one that makes the sky level's
+    Poisson noise equal ``sigma`` (``sky / gain = sigma**2``).
+
+    Parameters
+    ----------
+    image : ndarray, 2-D
+        The window (ADU, sky included); non-finite pixels are ignored.
+    sigma : float
+        Background noise of the image (ADU).
+    gain, read_noise : float or None
+        Electrons per ADU and read noise (electrons), when known.
+    saturation : float, optional
+        Saturation level (ADU); saturated stars are protected.
+    bad : ndarray of bool, optional
+        Pixels to ignore (never flagged).
+    psf : ndarray, optional
+        The image's PSF, when known (see :func:`detect_cosmic_rays`).
+
+    Returns
+    -------
+    ndarray of bool
+        True on cosmic-ray pixels; all False when fewer than 100 of the
+        sampled pixels are usable.
+
+    Raises
+    ------
+    CosmicsUnavailableError
+        astroscrappy is not installed.
+    InputError
+        ``bad`` does not match ``image``, or an option is out of range.
+    """
+    img = np.asarray(image)
+    miss = ~np.isfinite(img)
+    if bad is not None:
+        if np.shape(bad) != img.shape:
+            raise InputError(f"bad has shape {np.shape(bad)} but the image has {img.shape}")
+        miss |= np.asarray(bad, bool)
+    data = np.where(miss, 0.0, img).astype(np.float32)
+    sub = data[::4, ::4][~miss[::4, ::4]]
+    if sub.size < 100:
+        return np.zeros(img.shape, bool)
+    sky = max(float(np.median(sub)), 0.0)
+    sig = float(sigma)
+    if gain:
+        rn = read_noise or math.sqrt(max(sig * sig * gain * gain - sky * gain, 1.0))
+    else:  # effective gain from the noise: sky / gain = sigma^2
+        gain = max(sky, sig * sig) / (sig * sig) if sig > 0 else 1.0
+        rn = math.sqrt(max(sig * sig * gain * gain - sky * gain, 1e-2))
+    return detect_cosmic_rays(data, gain=gain, read_noise=rn, saturation=saturation,
+                              mask=miss, psf=psf)
 
 
 _EDGE_PAD = 8  # pixels of extended image around the one given to L.A.Cosmic (at least)
@@ -347,6 +424,107 @@ def _significant_groups(crmask, data, clean, gain, read_noise, zmin):
     np.maximum.at(peak, lab[idx], z)
     keep = peak >= zmin
     keep[0] = False
+    return keep[lab]
+
+
+_HIT_INDEX = 0.15  # sharpness index above which a flagged group can be a hit, ...
+_HIT_NSIGMA = 2.0  # ... when its peak also exceeds the PSF fit by this many sigma:
+# on simulated frames the cores L.A.Cosmic flags on undersampled stars exceed 2 sigma
+# in 0-0.7 % of groups (FWHM 2 and 1.6 px), hits in 98-99.8 % (FWHM 2-4 px)
+
+
+def _sharper_groups(crmask, data, psf, gain, read_noise):
+    """Keep the groups of ``crmask`` whose source is sharper than ``psf``."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(crmask, structure=np.ones((3, 3), bool))
+    h = min(psf.shape[0] // 2, 7)
+    c = psf.shape[0] // 2
+    p = psf[c - h:c + h + 1, c - h:c + h + 1]
+    keep = np.ones(n + 1, bool)
+    keep[0] = False
+    ny, nx = data.shape
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        sub = np.where(lab[sl] == k, data[sl], -np.inf)
+        i, j = np.unravel_index(int(np.argmax(sub)), sub.shape)
+        y, x = sl[0].start + i, sl[1].start + j
+        r = min(h, y, x, ny - 1 - y, nx - 1 - x)  # a smaller stamp near the border
+        if r < 2:
+            continue  # too near the border to tell: stays a hit
+        st = np.asarray(data[y - r:y + r + 1, x - r:x + r + 1], np.float64)
+        edge = np.concatenate([st[0], st[-1], st[:, 0], st[:, -1]])
+        sky = float(np.median(edge))
+        noise = np.maximum(np.sqrt(np.clip(st, 0.0, None) * gain + read_noise * read_noise)
+                           / gain, 1e-30)
+        q = p[h - r:h + r + 1, h - r:h + r + 1]
+        keep[k] = any(i > _HIT_INDEX and z > _HIT_NSIGMA
+                      for i, z in _directional(st - sky, q / q.sum(), noise))
+    return keep[lab]
+
+
+def drop_coincident(crmask, other, *, nsigma: float = 4.0, box: int = 15) -> np.ndarray:
+    """Drop the flagged groups that sit on a source of the other image.
+
+    A cosmic ray hits one exposure; a star is in both images of a registered
+    pair.  Where no PSF is known yet (the plan-time star catalogues),
+    L.A.Cosmic's median filter flags the cores of undersampled stars; a group
+    whose 3x3 neighbourhood in ``other`` peaks more than ``nsigma`` times
+    ``other``'s background noise above the median of the surrounding
+    ``box`` x ``box`` pixels is such a star and is dropped.
+
+    Parameters
+    ----------
+    crmask : ndarray of bool, 2-D
+        Cosmic-ray mask of one image.
+    other : ndarray, 2-D
+        The other image of the pair, on the same pixel grid (non-finite: no source).
+    nsigma : float, optional
+        Peak significance in ``other`` that marks a source.
+    box : int, optional
+        Side of the box whose median is ``other``'s local background.
+
+    Returns
+    -------
+    ndarray of bool
+        The mask without those groups.
+
+    Raises
+    ------
+    InputError
+        The shapes differ.
+    """
+    from scipy import ndimage
+
+    crmask = np.asarray(crmask, bool)
+    other = np.asarray(other)
+    if other.shape != crmask.shape:
+        raise InputError(f"other has shape {other.shape} but the mask has {crmask.shape}")
+    if not crmask.any():
+        return crmask
+    sample = other[::4, ::4]
+    sample = sample[np.isfinite(sample)]
+    if sample.size < 100:
+        return crmask
+    sigma = float(mad_std(sample))
+    if not sigma > 0:
+        return crmask
+    lab, n = ndimage.label(crmask, structure=np.ones((3, 3), bool))
+    keep = np.ones(n + 1, bool)
+    keep[0] = False
+    ny, nx = other.shape
+    r, b = 1, box // 2
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        yc = (sl[0].start + sl[0].stop - 1) // 2
+        xc = (sl[1].start + sl[1].stop - 1) // 2
+        near = other[max(0, sl[0].start - r):sl[0].stop + r, max(0, sl[1].start - r):sl[1].stop + r]
+        around = other[max(0, yc - b):yc + b + 1, max(0, xc - b):xc + b + 1]
+        around = around[np.isfinite(around)]
+        near = near[np.isfinite(near)]
+        if near.size and around.size and near.max() - np.median(around) > nsigma * sigma:
+            keep[k] = False
+    dropped = int(n - keep[1:].sum())
+    if dropped:
+        log.debug("%d of %d flagged groups dropped: a source of the other image", dropped, n)
     return keep[lab]
 
 
