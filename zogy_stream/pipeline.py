@@ -563,18 +563,21 @@ class TileEngine:
         the 2x2-pixel hits of a simulated exposure, and at FWHM 2-3 px fewer
         than a third of all hits, where the median filter finds 99 %.  The
         median filter also flags cores of undersampled stars and transients:
-        groups not sharper than the image's PSF are dropped.
+        with a PSF sharper than :data:`~zogy_stream.cosmics.UNDERSAMPLED_FWHM`
+        groups not sharper than it are dropped.
         """
-        from .cosmics import exposure_cosmic_rays
+        from .cosmics import UNDERSAMPLED_FWHM, exposure_cosmic_rays
+        from .stars import measure_psf  # profile FWHM: psf_fwhm's pixel count is coarse
 
         p = self.plan
         sat = p.saturation[k]
+        psf = (p.new_psf, p.ref_psf)[k]
         try:
             return exposure_cosmic_rays(img, sigma=p.sigma[k], gain=p.gain[k],
                                         read_noise=p.read_noise[k],
                                         saturation=sat if math.isfinite(sat) else None,
                                         bad=None if user_mask is None else user_mask != 0,
-                                        psf=(p.new_psf, p.ref_psf)[k])
+                                        psf=psf if measure_psf(psf)[0] < UNDERSAMPLED_FWHM else None)
         except ImportError as exc:
             log.warning("cosmic-ray detection unavailable (%s)", exc)
             return np.zeros(img.shape, bool)
