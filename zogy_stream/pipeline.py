@@ -421,6 +421,13 @@ class TileEngine:
         self._grown = np.empty(plan.grid.size, dtype=np.uint8)
         self._tmp = np.empty(plan.grid.size, dtype=np.uint8)
         self._nonpos = np.empty(plan.grid.size[0], dtype=np.int64)
+        self._cosmics_psf = (None, None)  # the PSF test of L.A.Cosmic (undersampled only)
+        if any(plan.cosmics):
+            from .cosmics import UNDERSAMPLED_FWHM
+            from .stars import measure_psf  # profile FWHM: psf_fwhm's pixel count is coarse
+
+            self._cosmics_psf = tuple(psf if measure_psf(psf)[0] < UNDERSAMPLED_FWHM else None
+                                      for psf in (plan.new_psf, plan.ref_psf))
 
     def close(self) -> None:
         for rd in self.readers.values():
@@ -566,18 +573,16 @@ class TileEngine:
         with a PSF sharper than :data:`~zogy_stream.cosmics.UNDERSAMPLED_FWHM`
         groups not sharper than it are dropped.
         """
-        from .cosmics import UNDERSAMPLED_FWHM, exposure_cosmic_rays
-        from .stars import measure_psf  # profile FWHM: psf_fwhm's pixel count is coarse
+        from .cosmics import exposure_cosmic_rays
 
         p = self.plan
         sat = p.saturation[k]
-        psf = (p.new_psf, p.ref_psf)[k]
         try:
             return exposure_cosmic_rays(img, sigma=p.sigma[k], gain=p.gain[k],
                                         read_noise=p.read_noise[k],
                                         saturation=sat if math.isfinite(sat) else None,
                                         bad=None if user_mask is None else user_mask != 0,
-                                        psf=psf if measure_psf(psf)[0] < UNDERSAMPLED_FWHM else None)
+                                        psf=self._cosmics_psf[k])
         except ImportError as exc:
             log.warning("cosmic-ray detection unavailable (%s)", exc)
             return np.zeros(img.shape, bool)
