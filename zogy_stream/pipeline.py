@@ -666,7 +666,8 @@ class TileEngine:
                 out["flux_err"] *= np.float32(nc["factor"])
         cands = find_candidates(out["scorr"], out["flux"], out["flux_err"], mask_ext, border=b,
                                 threshold=o.threshold, radius=b, exclude=EXCLUDE_CANDIDATE,
-                                origin=(tile.core.y0 - b, tile.core.x0 - b), tile=tile.index)
+                                origin=(tile.core.y0 - b, tile.core.x0 - b), tile=tile.index,
+                                score=out["s"])
         sx, sy = p.psf_sources[0].shift if p.psf_sources[0] is not None else (0.0, 0.0)
         if len(cands) and (sx or sy):
             # S_corr peaks where the model (REF's grid) puts a source; NEW, whose PSF
