@@ -597,11 +597,11 @@ def fit_global_flux_ratio(new_regions, ref_regions, *, psfs=None, gains=(None, N
     estimated re-stacked from the stars usable in both
     (:func:`_common_star_psfs`).  That ratio is used instead when the
     cross-convolved one has fewer than :data:`MIN_RATIO_SOURCES` sources, or
-    a larger error than the PSF fit's combined with
-    :data:`PSF_RATIO_SYSTEMATIC` (few sources, noisy apertures: +-8 % against
-    +-0.4 % on a small real DECam pair).  With fewer than 5 stars too, the
-    more precise of the few cross-convolved sources and the few stars is used,
-    with a warning.  The fits are robust (see
+    a larger error than the PSF fit's (of 5 or more stars, else of the 2-4
+    there are) combined with :data:`PSF_RATIO_SYSTEMATIC` (few sources, noisy
+    apertures: +-8 % against +-0.4 % on a small real DECam pair).  With fewer
+    than 5 of both, the more precise of the few cross-convolved sources and the
+    few stars is used, with a warning.  The fits are robust (see
     :func:`zogy_stream.stars.fit_flux_ratio`).
     """
     from functools import partial
@@ -610,6 +610,14 @@ def fit_global_flux_ratio(new_regions, ref_regions, *, psfs=None, gains=(None, N
 
     psfs = psfs or (None, None)
     cross = _fit_cross_convolved(new_regions, ref_regions, psfs, snr_min)
+    if cross is not None and cross[2] >= MIN_RATIO_SOURCES and (
+            cross[1] <= PSF_RATIO_SYSTEMATIC * cross[0]):
+        # no PSF fit can be more precise (its error includes PSF_RATIO_SYSTEMATIC):
+        # skip re-stacking the PSFs and the PSF photometry
+        ratio, err, n = cross
+        log.info("flux ratio F_n/F_r = %.4f +- %.4f from %d matched stars and galaxies in "
+                 "cross-convolved images", ratio, err, n)
+        return float(ratio), float(err), int(n), "auto"
     fit = partial(fit_flux_ratio, snr_min=snr_min)
     common = [_common_star_psfs(rn, rr) for rn, rr in zip(new_regions, ref_regions)] \
         if len(new_regions) == len(ref_regions) else []
@@ -620,14 +628,20 @@ def fit_global_flux_ratio(new_regions, ref_regions, *, psfs=None, gains=(None, N
         fit = partial(fit_flux_ratio, snr_min=snr_min, columns=("psf_flux", "psf_flux_err"),
                       aperture_correction=False)
     res, reason = _fit_matched(new_regions, ref_regions, fit)
+    few = None
+    if res is None:  # the few stars there are (2-4), for the comparisons below
+        few, _ = _fit_matched(new_regions, ref_regions,
+                              partial(fit, min_stars=MIN_FEW_RATIO_STARS))
+    psf_fit = res if res is not None else few
     if cross is not None and cross[2] >= MIN_RATIO_SOURCES and np.isfinite(cross[1]) and (
-            res is None or cross[1] <= math.hypot(res[1], PSF_RATIO_SYSTEMATIC * res[0])):
+            psf_fit is None or not np.isfinite(psf_fit[1])
+            or cross[1] <= math.hypot(psf_fit[1], PSF_RATIO_SYSTEMATIC * psf_fit[0])):
         ratio, err, n = cross
         log.info("flux ratio F_n/F_r = %.4f +- %.4f from %d matched stars and galaxies in "
-                 "cross-convolved images%s", ratio, err, n, "" if res is None else
-                 " (PSF fits of %d stars: %.4f +- %.4f)" % (res[2], res[0], res[1]))
+                 "cross-convolved images%s", ratio, err, n, "" if psf_fit is None else
+                 " (PSF fits of %d stars: %.4f +- %.4f)" % (psf_fit[2], psf_fit[0], psf_fit[1]))
         return float(ratio), float(err), int(n), "auto"
-    if res is not None and cross is not None and cross[2] >= MIN_RATIO_SOURCES:
+    if psf_fit is not None and cross is not None and cross[2] >= MIN_RATIO_SOURCES:
         log.info("flux ratio: PSF fits preferred to cross-convolved images (%.4f +- %.4f "
                  "from %d sources)", *cross)
     if res is None:
@@ -635,8 +649,6 @@ def fit_global_flux_ratio(new_regions, ref_regions, *, psfs=None, gains=(None, N
         # wins: the few sources in the cross-convolved images; and the few stars
         # there are, whose (weighted, clipped) ratio is still far closer to the truth
         # than 1.0, which would leave every star of the frame as a residual.
-        few, _ = _fit_matched(new_regions, ref_regions,
-                              partial(fit, min_stars=MIN_FEW_RATIO_STARS))
         what = "matched stars"
         cross_better = cross is not None and np.isfinite(cross[1]) and not (
             few is not None and few[1] <= cross[1])

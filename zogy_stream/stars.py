@@ -1227,19 +1227,28 @@ def psf_photometry(image, x, y, psf, *, rms, gain=None, mask=None, annulus=(1.0,
     return flux, err, ok
 
 
-def _fill_small_holes(img: np.ndarray, holes: np.ndarray, sigma: float = 2.0,
+def _fill_small_holes(img: np.ndarray, holes: np.ndarray, size: int = 7,
                       min_weight: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """``img`` with the pixels of ``holes`` replaced by a Gaussian-weighted mean of
-    their good neighbours (normalised convolution), where at least ``min_weight``
-    of that weight is good (holes up to ~6 px across, such as a dilated cosmic-ray
-    mask); returns the filled image and the holes too large to fill."""
-    good = (~holes).astype(np.float64)
-    num = ndimage.gaussian_filter(np.where(holes, 0.0, img), sigma, mode="constant")
-    den = ndimage.gaussian_filter(good, sigma, mode="constant")
-    ok = holes & (den >= min_weight)
+    """``img`` with the pixels of ``holes`` replaced by the mean of the good pixels
+    in a ``size`` x ``size`` box around each (normalised convolution), where at
+    least ``min_weight`` of the box is good (holes up to ~6 px across, such as a
+    dilated cosmic-ray mask); returns the filled image and the holes too large
+    to fill.  Only the boxes around holes are computed."""
     out = img.copy()
-    out[ok] = num[ok] / den[ok]
-    return out, holes & ~ok
+    big = np.zeros_like(holes)
+    h = size // 2
+    lab, _ = ndimage.label(holes)
+    for sl in ndimage.find_objects(lab):
+        y0, y1 = max(sl[0].start - h, 0), min(sl[0].stop + h, img.shape[0])
+        x0, x1 = max(sl[1].start - h, 0), min(sl[1].stop + h, img.shape[1])
+        hole = holes[y0:y1, x0:x1]
+        win = np.where(hole, 0.0, img[y0:y1, x0:x1])
+        num = ndimage.uniform_filter(win, size, mode="constant")
+        den = ndimage.uniform_filter((~hole).astype(np.float64), size, mode="constant")
+        ok = hole & (den >= min_weight)
+        out[y0:y1, x0:x1][ok] = num[ok] / den[ok]
+        big[y0:y1, x0:x1] |= hole & ~ok
+    return out, big
 
 
 def cross_convolved_photometry(new, ref, new_psf, ref_psf, xy_new, xy_ref, radius, *,
@@ -1339,7 +1348,9 @@ def cross_convolved_photometry(new, ref, new_psf, ref_psf, xy_new, xy_ref, radiu
             ok &= ~(np.asarray(hit) > 0)
         var = _as_plane(rms, shape, "rms", positive=True)
         var = var * var if np.ndim(var) == 0 else np.ascontiguousarray(var ** 2)
-        conv = fftconvolve(np.where(bad, 0.0, img), other, mode="same")
+        # float32: half the time of float64, ~1e-7 of the brightest pixel per sum
+        conv = fftconvolve(np.where(bad, 0.0, img).astype(np.float32),
+                           other.astype(np.float32), mode="same").astype(np.float64)
         # a bad pixel spoils the convolved image within the PSF's half-size (a square
         # maximum filter is separable: far cheaper than a dilation with a big structure)
         spread = ndimage.maximum_filter(bad, size=2 * h + 1) if bad.any() else bad
