@@ -41,7 +41,7 @@ def test_mosaic_with_nothing_but_the_images(mosaic):
     p, s, truth, cat = mosaic
     h = s.header
     assert h["NPSFSRC"] == "auto" and h["RPSFSRC"] == "auto"
-    assert h["NPSFLOCN"] + h["NPSFGLBN"] == s.n_tiles
+    assert h["NPSFLOCN"] + h["NPSFGLBN"] + h["NPSFFLDN"] == s.n_tiles
     # flux ratio: PSF-fit fluxes of matched stars (measured 1.203 for a true 1.2; 1.261
     # with the aperture fluxes used before, and 1.20-1.24 over seeds 3-10)
     assert h["FLUXRSRC"] == "auto"
@@ -168,7 +168,8 @@ def test_per_tile_psf_recovery_against_truth():
     from zogy_stream.simulate import gaussian_psf
 
     res = list(stream(sc.new, sc.ref, tile=512, wisdom=False, flux_ratio=1.2))
-    local = [r for r in res if r.stats["psf_new"] == "local"]
+    # own stars (local) or the field-varying model at the tile (field; see test_psffield)
+    local = [r for r in res if r.stats["psf_new"] in ("local", "field")]
     assert local, "no tile had its own PSF"
     for r in local:
         cy, cx = (r.box.y0 + r.box.y1) / 2, (r.box.x0 + r.box.x1) / 2

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 #: fewest stars for a tile's own PSF (else the mosaic-wide one)
 MIN_LOCAL_STARS = 8
+#: fewest stars for a tile's own PSF when the field-varying model of all the stars
+#: (:mod:`zogy_stream.psffield`) is the alternative
+MIN_LOCAL_OVER_FIELD = 50
 #: detection threshold (sigma) of the star catalogues, and of the sources masked for
 #: their background maps
 STAR_THRESHOLD = 5.0
@@ -102,6 +105,10 @@ class PsfSource:
     #: residual registration offset (dx, dy) folded into this image's PSFs (NEW only);
     #: ``psf`` and ``largest`` already carry it, tile PSFs get it in :meth:`for_tile`
     shift: tuple = (0.0, 0.0)
+    #: a PSF varying linearly across the field (:class:`zogy_stream.psffield.PsfField`),
+    #: fitted to every PSF star of the sampled regions; ``None`` when the variation is
+    #: not significant or there are too few stars
+    field_model: object = field(default=None, repr=False)
 
     @property
     def varies(self) -> bool:
@@ -121,17 +128,28 @@ class PsfSource:
             c = tile.core
             x, y = 0.5 * (c.x0 + c.x1 - 1), 0.5 * (c.y0 + c.y1 - 1)
             return shift_psf(self.model.evaluate(x, y, size=self.size), *self.shift), "psfex", {}
-        if not self.local or window is None:
+        if not self.local:
             return self.psf, "global", {}
+        fallback, how = self.psf, "global"
+        if self.field_model is not None:
+            c = tile.core
+            fallback = shift_psf(pad_psf(self.field_model.at(0.5 * (c.x0 + c.x1 - 1),
+                                                       0.5 * (c.y0 + c.y1 - 1)), self.size),
+                                 *self.shift)
+            how = "field"
+        if window is None:
+            return fallback, how, {}
         from .stars import estimate_psf
 
         size = min(self.size, (min(window.shape) - 1) // 2 * 2 - 1)
         reason = ""
         if size >= 7:
+            # with a field model, a tile's own stack must hold enough stars to beat it
+            least = MIN_LOCAL_STARS if self.field_model is None else MIN_LOCAL_OVER_FIELD
             try:
                 sat = saturation if math.isfinite(saturation) else None
                 psf, info = estimate_psf(window, size=size, saturation=sat, stars=stars,
-                                         min_stars=MIN_LOCAL_STARS, snr_min=15.0,
+                                         min_stars=least, snr_min=15.0,
                                          background=background, rms=rms, mask=mask)
                 f_loc, f_glob = psf_fwhm(psf), psf_fwhm(self.psf)
                 if 0.6 <= f_loc / f_glob <= 1.6:
@@ -142,9 +160,9 @@ class PsfSource:
                 reason = str(exc).split(";")[0]
         else:
             reason = "window too small"
-        log.info("tile %d: PSF of %s from the mosaic-wide estimate (%s)", tile.index,
-                 self.label, reason)
-        return self.psf, "global", {"reason": reason}
+        log.info("tile %d: PSF of %s from the %s model (%s)", tile.index, self.label,
+                 "field-varying" if how == "field" else "mosaic-wide", reason)
+        return fallback, how, {"reason": reason}
 
 
 def _is_psfex(src) -> bool:
@@ -346,8 +364,15 @@ def usable_star_count(regions) -> int:
 
 
 def estimate_global_psf(regions, label: str, *, saturation: float,
-                        psf_size: int | None, local: bool) -> PsfSource:
+                        psf_size: int | None, local: bool, shape=None,
+                        tile: int | None = None) -> PsfSource:
     """Mosaic-wide PSF: the mean of the PSFs of the sampled regions.
+
+    With ``local`` and the image's ``shape`` given, the stacked stars of all
+    the regions are also fitted with a PSF varying linearly across the field
+    (:func:`zogy_stream.psffield.fit_psf_field`), which tiles with too few
+    stars of their own use instead of the mean; ``largest`` then includes its
+    PSFs at the outermost centres of tiles of core ``tile``.
 
     Raises
     ------
@@ -357,7 +382,7 @@ def estimate_global_psf(regions, label: str, *, saturation: float,
     from .stars import estimate_psf
 
     sat = saturation if math.isfinite(saturation) else None
-    psfs, n_used = [], 0
+    psfs, infos, n_used = [], [], 0
     for r in regions:
         if len(r.cat) == 0:
             continue
@@ -369,6 +394,7 @@ def estimate_global_psf(regions, label: str, *, saturation: float,
             log.info("%s: no PSF from region %s (%s)", label, r.box, exc)
             continue
         psfs.append(psf)
+        infos.append((r.box, info))
         r.psf = psf
         n_used += int(info["n_stars"])
     if not psfs:
@@ -378,9 +404,37 @@ def estimate_global_psf(regions, label: str, *, saturation: float,
     mean = np.mean(padded, axis=0)
     mean /= mean.sum()
     largest = max(padded, key=psf_fwhm)
+    fld = _psf_field(infos, size, shape) if local and shape is not None else None
+    if fld is not None:  # the broadest PSF a tile can get from it (the overlap's bound):
+        # at the outermost tile centres, half a tile core in from the borders
+        h = 0.5 * (tile or 0)
+        xs = {min(h, 0.5 * (shape[1] - 1)), max(shape[1] - 1 - h, 0.5 * (shape[1] - 1))}
+        ys = {min(h, 0.5 * (shape[0] - 1)), max(shape[0] - 1 - h, 0.5 * (shape[0] - 1))}
+        largest = max([largest] + [fld.at(x, y) for x in xs for y in ys], key=psf_fwhm)
     log.info("%s: mosaic-wide PSF from %d stars in %d region(s), FWHM %.2f px (largest %.2f), "
-             "size %d", label, n_used, len(psfs), psf_fwhm(mean), psf_fwhm(largest), size)
-    return PsfSource(label, "auto", mean, largest, size=size, local=local, n_stars=n_used)
+             "size %d%s", label, n_used, len(psfs), psf_fwhm(mean), psf_fwhm(largest), size,
+             "; it varies across the field (fitted to all of them)" if fld is not None else "")
+    return PsfSource(label, "auto", mean, largest, size=size, local=local, n_stars=n_used,
+                     field_model=fld)
+
+
+def _psf_field(infos, size: int, shape):
+    """The field-varying PSF of the regions' stacked stars (None: not significant)."""
+    from .psffield import _pad_stamps, fit_psf_field
+
+    stamps, xs, ys, fw = [], [], [], []
+    for box, info in infos:
+        st = info.get("stamps")
+        if st is None or not len(st):
+            continue
+        stamps.append(_pad_stamps(np.asarray(st), size))
+        xs.append(info["xy"][:, 0] + box.x0)
+        ys.append(info["xy"][:, 1] + box.y0)
+        fw.append(info["fwhm_stars"])
+    if not stamps:
+        return None
+    return fit_psf_field(np.concatenate(stamps), np.concatenate(xs), np.concatenate(ys),
+                         fwhm=float(np.median(fw)), half_size=0.5 * max(shape))
 
 
 def _model_psf_source(regions, label: str, *, sat, psf_size, local) -> PsfSource:

@@ -338,10 +338,12 @@ def _calibrate(inputs: Inputs, opts: Options, readers, shape, sat, gain, *,
         cb.drop_extended_matches(regions_n, regions_r)
     if src_n is None:
         src_n = cb.estimate_global_psf(regions_n, "NEW", saturation=sat[0],
-                                       psf_size=opts.psf_size, local=opts.local_psf)
+                                       psf_size=opts.psf_size, local=opts.local_psf, shape=shape,
+                                       tile=opts.tile)
     if src_r is None:
         src_r = cb.estimate_global_psf(regions_r, "REF", saturation=sat[1],
-                                       psf_size=opts.psf_size, local=opts.local_psf)
+                                       psf_size=opts.psf_size, local=opts.local_psf, shape=shape,
+                                       tile=opts.tile)
     if fr_auto:
         fr, fr_err, _, fr_src = cb.fit_global_flux_ratio(regions_n, regions_r,
                                                          psfs=(src_n, src_r), gains=gain)
@@ -1168,8 +1170,10 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
 _TILE_SUMMARY = (
     ("NPSFLOCN", "tiles with a PSF of new from own stars"),
     ("NPSFGLBN", "tiles with the mosaic-wide PSF of new"),
+    ("NPSFFLDN", "tiles with the field-varying PSF of new"),
     ("NPSFLOCR", "tiles with a PSF of ref from own stars"),
     ("NPSFGLBR", "tiles with the mosaic-wide PSF of ref"),
+    ("NPSFFLDR", "tiles with the field-varying PSF of ref"),
     ("NFRLOCAL", "tiles with a local flux ratio"),
     ("NCMED", "median per-tile S_corr noise factor"),
     ("NCMIN", "min per-tile S_corr noise factor"),
@@ -1211,8 +1215,10 @@ def _tile_summary(header: fits.Header, parts) -> None:
     vals = {
         "NPSFLOCN": sum(d["psf_new"] == "local" for d in st),
         "NPSFGLBN": sum(d["psf_new"] == "global" for d in st),
+        "NPSFFLDN": sum(d["psf_new"] == "field" for d in st),
         "NPSFLOCR": sum(d["psf_ref"] == "local" for d in st),
         "NPSFGLBR": sum(d["psf_ref"] == "global" for d in st),
+        "NPSFFLDR": sum(d["psf_ref"] == "field" for d in st),
         "NFRLOCAL": sum(d["flux_ratio_src"] == "local" for d in st),
         "NCMED": float(np.median(f)), "NCMIN": float(f.min()), "NCMAX": float(f.max()),
         "NCAPPLD": sum(bool(d["noise_applied"]) for d in st),

@@ -886,8 +886,10 @@ def estimate_psf(image, *, size=None, saturation=None, mask=None, stars=None, mi
         ``n_stars`` (stacked), ``n_candidates``, ``fwhm`` (of the returned PSF,
         see :func:`measure_psf`), ``fwhm_stars`` (median of the stars),
         ``centroid`` (x, y) of the returned PSF, ``size``, ``cut_radius`` (px,
-        beyond which the wings are the fitted model) and ``indices`` (rows of the catalogue
-        used).
+        beyond which the wings are the fitted model), ``indices`` (rows of the catalogue
+        used), ``stamps`` (the stacked stamps, re-centred and normalised) and ``xy``
+        (their stars' positions), for a field-varying model
+        (:func:`zogy_stream.psffield.fit_psf_field`).
 
     Raises
     ------
@@ -993,7 +995,8 @@ def estimate_psf(image, *, size=None, saturation=None, mask=None, stars=None, mi
     fwhm, _, _ = measure_psf(psf)
     info = dict(n_stars=int(len(idx)), n_candidates=int(n_candidates), fwhm=float(fwhm),
                 fwhm_stars=fwhm_stars, centroid=(float(xc), float(yc)), size=int(size),
-                cut_radius=float(r_cut), indices=idx)
+                cut_radius=float(r_cut), indices=idx, stamps=stamps,
+                xy=np.column_stack([x[idx], y[idx]]))
     log.info("PSF from %d stars: size %d, FWHM %.2f px, centroid offset (%.3f, %.3f)",
              len(idx), size, fwhm, xc - c, yc - c)
     return psf, info
