@@ -126,3 +126,42 @@ def test_tiles_of_a_varying_scene_get_their_local_psf():
         assert measure_psf(psf)[0] == pytest.approx(measure_psf(true)[0], rel=0.05)
         worst = max(worst, abs(_fit_factor(true, src.psf) - 1))
     assert worst > 0.05
+
+
+def test_outer_tile_centres():
+    from zogy_stream.calibrate import outer_tile_centres
+
+    assert outer_tile_centres((1024, 2048), 512) == [(256.0, 256.0), (1791.0, 256.0),
+                                                     (256.0, 767.0), (1791.0, 767.0)]
+    # one tile (the image is smaller than a core): its centre only
+    assert outer_tile_centres((682, 1024), 1024) == [(511.5, 340.5)]
+
+
+def test_plan_kernel_radius_covers_every_tiles_field_psfs(tmp_path):
+    """The overlap comes from PSF pairs tiles really get, not each image's broadest.
+
+    Pairing NEW's broadest field PSF with REF's mean gave a 244 px radius on a
+    crowded accuracy scene (114 before the field model), and S_corr's per-tile
+    noise factor then found too little blank sky in half the tiles (std 0.95).
+    The mean PSFs' pair (a blend of widths) needs 126 px on this scene.
+    """
+    from zogy_stream.options import Options
+    from zogy_stream.pipeline import Inputs, plan_run
+    from zogy_stream.simulate import write_scene
+    from zogy_stream.zogy import kernel_radius
+
+    p = write_scene(tmp_path, (1024, 1024), seed=5, n_transients=0, fwhm_variation=0.15,
+                    new_fwhm=4.0, ref_fwhm=3.0, star_flux=(300, 3e5), star_density=4000,
+                    saturation=60000, flux_ratio=1.2)
+    plan = plan_run(Inputs(new=p["new"], ref=p["ref"]),
+                    Options.from_kwargs(wisdom=False, tile=512, cosmic_rays="off"))
+    src_n, src_r = plan.psf_sources
+    assert src_n.field_model is not None and src_r.field_model is not None
+    radii = []
+    for tile in plan.grid:
+        pn, how_n, _ = src_n.for_tile(tile, None, saturation=60000.0)
+        pr, how_r, _ = src_r.for_tile(tile, None, saturation=60000.0)
+        assert how_n == how_r == "field"
+        radii.append(kernel_radius(pn, pr, sigma_n=plan.sigma[0], sigma_r=plan.sigma[1],
+                                   flux_ratio=plan.flux_ratio))
+    assert max(radii) <= plan.kernel_radius <= max(radii) + 2, (radii, plan.kernel_radius)

@@ -33,7 +33,7 @@ from .tiles import Box
 
 __all__ = ["PsfSource", "load_psf_source", "sample_boxes", "RegionStars", "region_stars",
            "drop_extended_matches", "estimate_global_psf", "fit_global_flux_ratio",
-           "fit_global_astrometric_sigma", "pad_psf", "usable_star_count", "detect_saturation",
+           "fit_global_astrometric_sigma", "pad_psf", "outer_tile_centres", "usable_star_count", "detect_saturation",
            "defect_mask", "fit_registration", "register_psf", "shift_psf"]
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,12 @@ class PsfSource:
     def varies(self) -> bool:
         return self.kind == "psfex" or (self.kind == "auto" and self.local)
 
+    def psf_at(self, x: float, y: float) -> np.ndarray:
+        """The field-varying model's PSF at ``(x, y)`` as a tile gets it (else ``psf``)."""
+        if self.field_model is None or not self.local:
+            return self.psf
+        return shift_psf(pad_psf(self.field_model.at(x, y), self.size), *self.shift)
+
     def for_tile(self, tile, window: np.ndarray | None, *, saturation: float,
                  stars=None, background=None, rms=None, mask=None
                  ) -> tuple[np.ndarray, str, dict]:
@@ -133,9 +139,7 @@ class PsfSource:
         fallback, how = self.psf, "global"
         if self.field_model is not None:
             c = tile.core
-            fallback = shift_psf(pad_psf(self.field_model.at(0.5 * (c.x0 + c.x1 - 1),
-                                                       0.5 * (c.y0 + c.y1 - 1)), self.size),
-                                 *self.shift)
+            fallback = self.psf_at(0.5 * (c.x0 + c.x1 - 1), 0.5 * (c.y0 + c.y1 - 1))
             how = "field"
         if window is None:
             return fallback, how, {}
@@ -364,15 +368,14 @@ def usable_star_count(regions) -> int:
 
 
 def estimate_global_psf(regions, label: str, *, saturation: float,
-                        psf_size: int | None, local: bool, shape=None,
-                        tile: int | None = None) -> PsfSource:
+                        psf_size: int | None, local: bool, shape=None) -> PsfSource:
     """Mosaic-wide PSF: the mean of the PSFs of the sampled regions.
 
     With ``local`` and the image's ``shape`` given, the stacked stars of all
     the regions are also fitted with a PSF varying linearly across the field
     (:func:`zogy_stream.psffield.fit_psf_field`), which tiles with too few
-    stars of their own use instead of the mean; ``largest`` then includes its
-    PSFs at the outermost centres of tiles of core ``tile``.
+    stars of their own use instead of the mean (the plan bounds the kernels'
+    reach with :func:`outer_tile_centres`).
 
     Raises
     ------
@@ -405,17 +408,23 @@ def estimate_global_psf(regions, label: str, *, saturation: float,
     mean /= mean.sum()
     largest = max(padded, key=psf_fwhm)
     fld = _psf_field(infos, size, shape) if local and shape is not None else None
-    if fld is not None:  # the broadest PSF a tile can get from it (the overlap's bound):
-        # at the outermost tile centres, half a tile core in from the borders
-        h = 0.5 * (tile or 0)
-        xs = {min(h, 0.5 * (shape[1] - 1)), max(shape[1] - 1 - h, 0.5 * (shape[1] - 1))}
-        ys = {min(h, 0.5 * (shape[0] - 1)), max(shape[0] - 1 - h, 0.5 * (shape[0] - 1))}
-        largest = max([largest] + [fld.at(x, y) for x in xs for y in ys], key=psf_fwhm)
     log.info("%s: mosaic-wide PSF from %d stars in %d region(s), FWHM %.2f px (largest %.2f), "
              "size %d%s", label, n_used, len(psfs), psf_fwhm(mean), psf_fwhm(largest), size,
              "; it varies across the field (fitted to all of them)" if fld is not None else "")
     return PsfSource(label, "auto", mean, largest, size=size, local=local, n_stars=n_used,
                      field_model=fld)
+
+
+def outer_tile_centres(shape, tile: int) -> list[tuple[float, float]]:
+    """``(x, y)`` of the outermost tile-core centres, half a core in from the borders.
+
+    Where a field-varying PSF is most extreme for the tiles that use it.
+    """
+    ny, nx = shape
+    h = 0.5 * tile
+    xs = sorted({min(h, 0.5 * (nx - 1)), max(nx - 1 - h, 0.5 * (nx - 1))})
+    ys = sorted({min(h, 0.5 * (ny - 1)), max(ny - 1 - h, 0.5 * (ny - 1))})
+    return [(x, y) for y in ys for x in xs]
 
 
 def _psf_field(infos, size: int, shape):

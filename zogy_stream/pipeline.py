@@ -259,14 +259,24 @@ def plan_run(inputs: Inputs, opts: Options) -> RunPlan:
     src_n, src_r, fr, fr_err, fr_src, ast, ast_src = cal
     new_psf, ref_psf = src_n.psf, src_r.psf
     kw = dict(sigma_n=sigma[0], sigma_r=sigma[1], flux_ratio=fr)
-    big_n, big_r = src_n.largest, src_r.largest
-    rk = kernel_radius(big_n, big_r, **kw)
+    pairs = [(src_n.largest, src_r.largest)]
+    if src_n.field_model is not None or src_r.field_model is not None:
+        from .calibrate import outer_tile_centres
+
+        # the pairs tiles get from field-varying PSFs, where they are most extreme: each
+        # image's broadest PSF paired with the other's mean is a pair no tile has (a
+        # 244 px radius for 160 on a crowded scene), and the mean of a varying PSF, a
+        # blend of widths, needs more reach than any of them (126 px for 85)
+        pairs = [(src_n.psf_at(x, y) if src_n.field_model is not None else src_n.largest,
+                  src_r.psf_at(x, y) if src_r.field_model is not None else src_r.largest)
+                 for x, y in outer_tile_centres(shape, opts.tile)]
+    rk = max(kernel_radius(pn, pr, **kw) for pn, pr in pairs)
     # NEAR: the reach of a flagged pixel.  Through S's kernels alone it is smaller,
     # but sources cut by a mask's edge leave residuals beyond it: on the real pairs
     # an S-only radius let one more spurious candidate through in 2 of 6 (Bosque
     # Alegre 2 -> 3, DECam e 8 -> 9), so D's kernels count too
-    grow = kernel_radius(big_n, big_r, tol=1e-3, **kw)
-    fwhm_max = max(psf_fwhm(big_n), psf_fwhm(big_r))
+    grow = max(kernel_radius(pn, pr, tol=1e-3, **kw) for pn, pr in pairs)
+    fwhm_max = max(psf_fwhm(p) for pair in pairs for p in pair)
     peak = max(2, int(round(0.5 * fwhm_max)))
     margin = opts.overlap if opts.overlap is not None else rk + peak + 2
     if opts.image_space and margin < rk + peak + 2:
@@ -338,12 +348,10 @@ def _calibrate(inputs: Inputs, opts: Options, readers, shape, sat, gain, *,
         cb.drop_extended_matches(regions_n, regions_r)
     if src_n is None:
         src_n = cb.estimate_global_psf(regions_n, "NEW", saturation=sat[0],
-                                       psf_size=opts.psf_size, local=opts.local_psf, shape=shape,
-                                       tile=opts.tile)
+                                       psf_size=opts.psf_size, local=opts.local_psf, shape=shape)
     if src_r is None:
         src_r = cb.estimate_global_psf(regions_r, "REF", saturation=sat[1],
-                                       psf_size=opts.psf_size, local=opts.local_psf, shape=shape,
-                                       tile=opts.tile)
+                                       psf_size=opts.psf_size, local=opts.local_psf, shape=shape)
     if fr_auto:
         fr, fr_err, _, fr_src = cb.fit_global_flux_ratio(regions_n, regions_r,
                                                          psfs=(src_n, src_r), gains=gain)
