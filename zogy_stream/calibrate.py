@@ -33,8 +33,8 @@ from .tiles import Box
 
 __all__ = ["PsfSource", "load_psf_source", "sample_boxes", "RegionStars", "region_stars",
            "drop_extended_matches", "estimate_global_psf", "fit_global_flux_ratio",
-           "fit_global_astrometric_sigma", "pad_psf", "outer_tile_centres", "usable_star_count", "detect_saturation",
-           "defect_mask", "fit_registration", "register_psf", "shift_psf"]
+           "fit_global_astrometric_sigma", "pad_psf", "outer_tile_centres", "usable_star_count",
+           "detect_saturation", "defect_mask", "fit_registration", "register_psf", "shift_psf"]
 
 log = logging.getLogger(__name__)
 

@@ -63,10 +63,9 @@ class PsfField:
         u = float(np.clip((x - self.x0) / self.scale, *self.u_range))
         v = float(np.clip((y - self.y0) / self.scale, *self.v_range))
         psf = np.clip(self.a + u * self.b + v * self.c, 0, None)
-        s = psf.sum()
-        if not s > 0:
-            psf, s = np.clip(self.a, 0, None), float(np.clip(self.a, 0, None).sum())
-        psf, _, _ = _recentre(psf / s, tolerance=0.02)
+        if not psf.sum() > 0:  # (a is the cleaned, unit-sum stack: never empty)
+            psf = np.clip(self.a, 0, None)
+        psf, _, _ = _recentre(psf / psf.sum(), tolerance=0.02)
         return psf
 
 
@@ -121,7 +120,7 @@ def fit_psf_field(stamps, x, y, *, fwhm: float, half_size: float,
         Shapes that do not agree.
     """
     from .errors import InputError
-    from .stars import _clean_wings
+    from .stars import _clean_wings, wing_taper
 
     stamps = np.asarray(stamps, np.float64)
     x = np.asarray(x, np.float64).ravel()
@@ -174,10 +173,7 @@ def fit_psf_field(stamps, x, y, *, fwhm: float, half_size: float,
                   chi2, limit)
         return None
     a_clean, r_cut = _clean_wings(a, err, fwhm)
-    width = max(2.0, 0.25 * r_cut)
-    r0 = r_cut - width
-    taper = np.where(r <= r0, 1.0, np.where(r >= r_cut, 0.0,
-                                             np.cos(0.5 * np.pi * (r - r0) / width) ** 2))
+    taper = wing_taper(n, r_cut)  # the gradients end where the stack's wings do
     total = a_clean.sum()
     if not total > 0:
         return None

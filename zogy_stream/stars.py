@@ -751,6 +751,20 @@ def _fit_wing_model(psf, err, fwhm):
     return amp * m * inside, float(pedestal)
 
 
+def wing_taper(n: int, r_cut: float) -> np.ndarray:
+    """Cosine taper on an ``n`` x ``n`` stamp: 1 within the core, 0 from ``r_cut`` out.
+
+    Width max(2 px, 0.25 ``r_cut``), ending at ``r_cut`` (the stack's noise radius).
+    """
+    c = n // 2
+    yy, xx = np.indices((n, n))
+    r = np.hypot(xx - c, yy - c)
+    width = max(2.0, 0.25 * r_cut)
+    r0 = r_cut - width
+    return np.where(r <= r0, 1.0, np.where(r >= r_cut, 0.0,
+                                           np.cos(0.5 * np.pi * (r - r0) / width) ** 2))
+
+
 def _clean_wings(psf, err, fwhm):
     """Replace the noisy wings of a stacked PSF by a fitted profile.
 
@@ -772,16 +786,8 @@ def _clean_wings(psf, err, fwhm):
     r_cut : float
         The noise radius in pixels.
     """
-    n = psf.shape[0]
-    c = n // 2
-    yy, xx = np.indices(psf.shape)
-    r = np.hypot(xx - c, yy - c)
     r_cut = _noise_radius(psf, err, fwhm)
-    width = max(2.0, 0.25 * r_cut)
-    r0 = r_cut - width
-    taper = np.where(r <= r0, 1.0,
-                     np.where(r >= r_cut, 0.0,
-                              np.cos(0.5 * np.pi * (r - r0) / width) ** 2))
+    taper = wing_taper(psf.shape[0], r_cut)
     model, pedestal = _fit_wing_model(psf, err, fwhm)
     if model is None:
         log.debug("PSF wing model fit failed; wings beyond %.1f px set to zero", r_cut)
