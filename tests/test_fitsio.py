@@ -422,3 +422,112 @@ def test_output_settled_rows_keep_their_data(tmp_path):
         np.testing.assert_array_equal(hl["A"].data, a)
         np.testing.assert_array_equal(hl["M"].data, m)
         assert hl["M"].header["BITPIX"] == 8
+
+
+# --------------------------------------------------------------- row bands
+BAND_SHAPE = (70, 1531)  # odd width: each band starts at a different offset modulo 4 KiB
+
+
+def _band_planes():
+    return [Plane("A", np.float32, BAND_SHAPE), Plane("M", np.uint8, BAND_SHAPE),
+            Plane("B", np.float64, BAND_SHAPE),
+            Plane("P", np.float32, (5, 5), data=np.arange(25, dtype=np.float32).reshape(5, 5))]
+
+
+def _band_data():
+    rng = np.random.default_rng(21)
+    return {"A": rng.normal(size=BAND_SHAPE).astype(np.float32),
+            "M": rng.integers(0, 256, BAND_SHAPE).astype(np.uint8),
+            "B": rng.normal(size=BAND_SHAPE)}
+
+
+def _write_tiles(of, data, *, band_rows=16, tile_cols=400, end=True):
+    ny, nx = BAND_SHAPE
+    for y0 in range(0, ny, band_rows):
+        y1 = min(y0 + band_rows, ny)
+        for x0 in range(0, nx, tile_cols):
+            box = Box(y0, y1, x0, min(x0 + tile_cols, nx))
+            for name, arr in data.items():
+                of.write(name, box, arr[box.slices])
+        if end:
+            of.end_rows(y0, y1)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_output_bands_byte_identical_to_mapped(tmp_path, monkeypatch, direct):
+    """Bands gathered in aligned buffers and written with direct I/O (or, without
+    O_DIRECT, through the page cache) give the same file, byte for byte, as
+    tiles written through the memory map."""
+    data = _band_data()
+    mapped = OutputFile(tmp_path / "mapped.fits", _band_planes())
+    _write_tiles(mapped, data)
+    mapped.commit()
+    if not direct:
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    of = OutputFile(tmp_path / "bands.fits", _band_planes())
+    got = of.use_bands(16)
+    if direct and not got:
+        pytest.skip("this filesystem has no direct I/O")
+    assert got is direct and of.bands
+    _write_tiles(of, data)
+    of.commit()
+    assert (tmp_path / "bands.fits").read_bytes() == (tmp_path / "mapped.fits").read_bytes()
+    with fits.open(tmp_path / "bands.fits") as hl:
+        for name, arr in data.items():
+            np.testing.assert_array_equal(hl[name].data, arr)
+    assert _hidden(tmp_path) == []
+
+
+def test_output_bands_direct_refused_mid_run(tmp_path, monkeypatch):
+    """A filesystem that refuses a direct write (EINVAL) gets the band through the
+    page cache, and every later band too."""
+    import errno
+
+    data = _band_data()
+    of = OutputFile(tmp_path / "out.fits", _band_planes())
+    if not of.use_bands(16):
+        pytest.skip("this filesystem has no direct I/O")
+    bands = of._bands
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd, buf, at):
+        if fd == bands._dfd and at > 50_000:  # the first bands go direct
+            refused.append(at)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buf, at)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    _write_tiles(of, data)
+    assert refused and not bands.direct
+    of.commit()
+    with fits.open(tmp_path / "out.fits") as hl:
+        for name, arr in data.items():
+            np.testing.assert_array_equal(hl[name].data, arr)
+
+
+def test_output_bands_must_be_complete_and_in_order(tmp_path):
+    from zogy_stream.errors import ProcessingError
+
+    data = _band_data()
+    of = OutputFile(tmp_path / "out.fits", _band_planes())
+    of.use_bands(16)
+    box = Box(0, 16, 0, 400)
+    for name, arr in data.items():
+        of.write(name, box, arr[box.slices])
+    with pytest.raises(ProcessingError, match="written while rows 0-16 are unfinished"):
+        of.write("A", Box(16, 32, 0, 400), data["A"][16:32, :400])
+    with pytest.raises(ProcessingError, match="only 6400 of 24496 pixels"):
+        of.end_rows(0, 16)
+    with pytest.raises(ProcessingError, match="rows 16-32 are not the band"):
+        of.end_rows(16, 32)
+    with pytest.raises(ProcessingError, match="never completed"):
+        of.commit()
+    of.abort()
+    assert list(tmp_path.iterdir()) == []
+    # a band taller than the buffers
+    of = OutputFile(tmp_path / "out.fits", _band_planes())
+    of.use_bands(8)
+    with pytest.raises(ProcessingError, match="exceeds the 8 buffered"):
+        of.write("A", box, data["A"][box.slices])
+    of.abort()

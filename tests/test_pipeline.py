@@ -1,5 +1,7 @@
 """The streaming pipeline: physics on simulated scenes, tiling, masks, inputs."""
 
+import logging
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -366,21 +368,36 @@ def test_bright_source_near_the_border_masked_over_its_footprint(side):
     assert near.sum() < 3 * grow.sum()
 
 
-def test_settled_and_unsettled_outputs_are_identical(tmp_path):
-    """Writing finished row bands back to disk mid-run (the default) changes nothing in
-    the output; --no-settle only leaves the write-back to the kernel."""
+def test_band_settled_and_unsettled_outputs_are_identical(tmp_path, caplog):
+    """Gathering row bands written with direct I/O (the default), writing tiles through
+    the memory map and settling each finished band (``write_buffer=0``), and leaving
+    the write-back to the kernel (``settle=False``) give the same output."""
     from zogy_stream import subtract
     from zogy_stream.simulate import make_scene
 
     sc = make_scene((600, 520), seed=3, n_transients=5)
     kw = dict(new_psf=sc.new_psf, ref_psf=sc.ref_psf, flux_ratio=sc.meta["flux_ratio"],
               tile=256, wisdom=False)
-    on = subtract(sc.new, sc.ref, tmp_path / "on.fits", **kw)
-    off = subtract(sc.new, sc.ref, tmp_path / "off.fits", settle=False, **kw)
-    assert on.timings.get("settle", 0) > 0 and "settle" not in off.timings
-    with fits.open(tmp_path / "on.fits") as a, fits.open(tmp_path / "off.fits") as b:
+    with caplog.at_level(logging.DEBUG, logger="zogy_stream.pipeline"):
+        bands = subtract(sc.new, sc.ref, tmp_path / "bands.fits", **kw)
+    assert "output written in row bands of 3 MiB" in caplog.text
+    caplog.clear()
+    on = subtract(sc.new, sc.ref, tmp_path / "on.fits", write_buffer=0, **kw)
+    off = subtract(sc.new, sc.ref, tmp_path / "off.fits", settle=False, write_buffer=0, **kw)
+    assert bands.timings.get("settle", 0) > 0 and on.timings.get("settle", 0) > 0
+    assert "settle" not in off.timings
+    with fits.open(tmp_path / "bands.fits") as a, fits.open(tmp_path / "on.fits") as b, \
+            fits.open(tmp_path / "off.fits") as c:
         for name in ("D", "S", "SCORR", "FLUX", "FLUX_ERR", "MASK"):
             np.testing.assert_array_equal(a[name].data, b[name].data)
+            np.testing.assert_array_equal(c[name].data, b[name].data)
+    # a band larger than the budget is written through the memory map
+    with caplog.at_level(logging.DEBUG, logger="zogy_stream.pipeline"):
+        small = subtract(sc.new, sc.ref, tmp_path / "small.fits", write_buffer=1, **kw)
+    assert "writing tiles through the memory map" in caplog.text
+    assert small.timings.get("settle", 0) > 0
+    with fits.open(tmp_path / "small.fits") as a, fits.open(tmp_path / "on.fits") as b:
+        np.testing.assert_array_equal(a["SCORR"].data, b["SCORR"].data)
 
 
 def test_error_maps_mask_nonpositive_errors():

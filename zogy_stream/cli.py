@@ -50,6 +50,7 @@ def _number(kind, minimum, *, strict: bool):
 
 
 _positive_int = _number(int, 1, strict=False)
+_nonneg_int = _number(int, 0, strict=False)
 _positive_float = _number(float, 0, strict=True)
 _nonneg_float = _number(float, 0, strict=False)
 
@@ -178,6 +179,10 @@ def subtraction_parent() -> argparse.ArgumentParser:
                    help="leave the output's write-back to the kernel instead of writing each "
                         "finished band to disk and dropping it from the page cache as the run "
                         "goes (faster on a slow disk with memory to spare)")
+    g.add_argument("--write-buffer", metavar="MB", type=_nonneg_int,
+                   help="MiB for gathering whole rows of output tiles, written with direct "
+                        "I/O past the page cache when a tile row of all planes fits "
+                        "(default 256; 0: write through the memory map)")
     return p
 
 
@@ -210,7 +215,7 @@ def subtract_kwargs(args: argparse.Namespace) -> dict:
         bkg_mesh=args.bkg_mesh, threshold=args.threshold, tile=args.tile, overlap=args.overlap,
         threads=args.threads, image_space=args.image_space,
         wisdom=False if args.no_wisdom else args.wisdom, fft_effort=args.fft_effort,
-        dask=args.dask, settle=not args.no_settle,
+        dask=args.dask, settle=not args.no_settle, write_buffer=args.write_buffer,
     )
 
 

@@ -79,14 +79,15 @@ def dask_client(spec: str, *, threads_per_worker: int = 1):
 def _run_band(plan, tmp, planes, primary_header, tiles):
     """Task body: process ``tiles`` and write their cores into ``tmp``."""
     from .fitsio import OutputFile
-    from .pipeline import TileEngine, _iter_tiles, _wisdom_for, _write_tile
+    from .pipeline import TileEngine, _gather_bands, _iter_tiles, _wisdom_for, _write_tile
 
     engine = TileEngine(plan, wisdom=_wisdom_for(plan.opts))
     out = OutputFile.attach(tmp, planes, primary_header=primary_header)
+    _gather_bands(out, plan)
     parts = []
     try:
         for res in _iter_tiles(engine, iter(tiles)):
-            _write_tile(out, res, engine.timings, plan.shape[1] if plan.opts.settle else None)
+            _write_tile(out, res, engine.timings, plan.shape[1], plan.opts.settle)
             parts.append(res.candidates)
     finally:
         out.close()

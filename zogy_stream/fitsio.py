@@ -15,8 +15,11 @@ Writing
     :class:`OutputFile` creates a multi-extension FITS file of known layout
     under a temporary name, pre-sized (sparse) on disk, maps it and lets tiles
     be written in place; :meth:`OutputFile.commit` flushes and renames it to
-    its final name, :meth:`OutputFile.abort` removes it.  Nothing here knows
-    about ZOGY.
+    its final name, :meth:`OutputFile.abort` removes it.  With
+    :meth:`OutputFile.use_bands` the tiles of a row are gathered in aligned
+    whole-width buffers instead, and each finished band is written with one
+    direct (``O_DIRECT``) write per plane, past the page cache.  Nothing here
+    knows about ZOGY.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 
-from .errors import InputError
+from .errors import InputError, ProcessingError
 from .tiles import Box
 
 __all__ = [
@@ -52,6 +55,9 @@ log = logging.getLogger(__name__)
 _PAGE = mmap.PAGESIZE
 #: rows moved between a memory map and an array before their pages are dropped
 _CHUNK_ROWS = 128
+#: alignment of direct writes: file offset, length and buffer address (the page
+#: size, so that no page of the file is written both directly and through the cache)
+_DIRECT_ALIGN = max(4096, _PAGE)
 _BITPIX_DTYPE = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 _DTYPE_BITPIX = {np.dtype(np.uint8): 8, np.dtype(np.int16): 16, np.dtype(np.int32): 32,
                  np.dtype(np.float32): -32, np.dtype(np.float64): -64}
@@ -424,6 +430,118 @@ def _image_header(plane: Plane) -> fits.Header:
     return h
 
 
+class _RowBands:
+    """Whole-width buffers for one band of rows of every streamed plane.
+
+    A band is filled tile by tile (in file byte order) and written by
+    :meth:`flush`: per plane the page-aligned middle of its byte range with
+    one ``O_DIRECT`` write, the unaligned ends (< 4 KiB each, shared with the
+    neighbouring band or a header) through the page cache.  Where the system
+    or filesystem has no direct I/O the whole range goes through the page
+    cache, as one write.  Each buffer is laid out so that file offsets and
+    buffer addresses agree modulo the alignment, whatever the band's position.
+    """
+
+    def __init__(self, path: Path, planes: list, offsets: dict, rows: int) -> None:
+        self.rows = rows
+        self.planes = [p for p in planes if p.data is None]
+        self.offsets = offsets
+        self._bufs = {}
+        self._views: dict[str, np.ndarray] = {}
+        self._filled: dict[str, int] = {}
+        self.y0 = self.y1 = None
+        self.direct = False
+        self._fd = os.open(path, os.O_WRONLY)
+        self._dfd = None
+        try:
+            for p in self.planes:
+                row = np.dtype(p.dtype).itemsize * p.shape[1]
+                self._bufs[p.name] = mmap.mmap(-1, rows * row + 2 * _DIRECT_ALIGN)
+            if hasattr(os, "O_DIRECT"):
+                try:
+                    self._dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+                    self.direct = True
+                except OSError as exc:  # e.g. tmpfs
+                    log.debug("no direct I/O for %s (%s): writing through the page cache",
+                              path, exc.strerror)
+        except BaseException:
+            self.close()
+            raise
+
+    def write(self, name: str, box: Box, data: np.ndarray) -> None:
+        if self.y0 is None:
+            self._start(box.y0, box.y1)
+        elif (box.y0, box.y1) != (self.y0, self.y1):
+            raise ProcessingError(
+                f"output rows {box.y0}-{box.y1} written while rows {self.y0}-{self.y1} "
+                "are unfinished; row bands must be written one at a time")
+        self._views[name][:, box.x0:box.x1] = data
+        self._filled[name] += box.shape[0] * box.shape[1]
+
+    def _start(self, y0: int, y1: int) -> None:
+        if y1 - y0 > self.rows:
+            raise ProcessingError(f"a band of {y1 - y0} rows exceeds the {self.rows} buffered")
+        self.y0, self.y1 = y0, y1
+        for p in self.planes:
+            dt = np.dtype(p.dtype).newbyteorder(">")
+            at = self.offsets[p.name] + y0 * dt.itemsize * p.shape[1]
+            self._views[p.name] = np.frombuffer(
+                self._bufs[p.name], dtype=dt, count=(y1 - y0) * p.shape[1],
+                offset=at % _DIRECT_ALIGN).reshape(y1 - y0, p.shape[1])
+            self._filled[p.name] = 0
+
+    def flush(self, y0: int, y1: int) -> bool:
+        """Write the band of rows ``y0:y1``; True if it went past the page cache."""
+        if (y0, y1) != (self.y0, self.y1):
+            raise ProcessingError(f"rows {y0}-{y1} are not the band being written "
+                                  f"({self.y0}-{self.y1})")
+        for p in self.planes:
+            if self._filled[p.name] != (y1 - y0) * p.shape[1]:
+                raise ProcessingError(f"output plane {p.name}, rows {y0}-{y1}: only "
+                                      f"{self._filled[p.name]} of {(y1 - y0) * p.shape[1]} "
+                                      "pixels were written")
+        for p in self.planes:
+            view = self._views[p.name]
+            at = self.offsets[p.name] + y0 * view.strides[0]
+            self._write_range(memoryview(self._bufs[p.name])[at % _DIRECT_ALIGN:][:view.nbytes],
+                              at)
+        self.y0 = self.y1 = None
+        return self.direct
+
+    def _write_range(self, mv: memoryview, at: int) -> None:
+        n = len(mv)
+        head = min(-at % _DIRECT_ALIGN, n)
+        body = head + (n - head) // _DIRECT_ALIGN * _DIRECT_ALIGN
+        done = head
+        if self.direct and body > head:
+            try:
+                while done < body:
+                    done += os.pwrite(self._dfd, mv[done:body], at + done)
+            except OSError as exc:  # EINVAL: the filesystem refuses this alignment
+                log.debug("direct write refused (%s): writing through the page cache",
+                          exc.strerror)
+                self.direct = False
+        # the unaligned ends (and whatever the direct write did not take)
+        _pwrite_all(self._fd, mv[:head], at)
+        _pwrite_all(self._fd, mv[done:], at + done)
+
+    def close(self) -> None:
+        self._views.clear()
+        for buf in self._bufs.values():
+            buf.close()
+        self._bufs.clear()
+        for fd in (self._fd, self._dfd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._dfd = None
+
+
+def _pwrite_all(fd: int, mv: memoryview, at: int) -> None:
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], at + done)
+
+
 class OutputFile:
     """A pre-sized multi-extension FITS file written tile by tile in place.
 
@@ -456,6 +574,7 @@ class OutputFile:
         self._views: dict[str, np.ndarray] = {}
         self._mm = None
         self._mm_fd: int | None = None
+        self._bands: _RowBands | None = None
         try:
             self._create()
         except BaseException:
@@ -472,6 +591,7 @@ class OutputFile:
         """
         self = cls.__new__(cls)
         self._mm_fd = None
+        self._bands = None
         self.path = None
         self.tmp = Path(tmp)
         self.planes = list(planes)
@@ -535,7 +655,31 @@ class OutputFile:
             self._views[plane.name] = np.frombuffer(
                 self._mm, dtype=be, count=n, offset=offsets[plane.name]).reshape(plane.shape)
 
+    @property
+    def bands(self) -> bool:
+        """Whether tile writes are gathered in row bands (:meth:`use_bands`)."""
+        return self._bands is not None
+
+    def use_bands(self, rows: int) -> bool:
+        """From now on gather tile writes in whole-width buffers of ``rows`` rows
+        (``rows`` x width x bytes per pixel of all streamed planes of memory),
+        written by :meth:`end_rows` one band at a time, with direct I/O where
+        the filesystem has it; returns whether it has.
+
+        Tiles must then come in row bands: every tile of a band of rows before
+        any tile of the next, each band ended by :meth:`end_rows`.  Direct
+        writes skip the page cache, whose new pages cost a first touch of
+        guest memory on a VM (measured alone, 1.3 GB: 0.6 s wall and 0.03 s of
+        system time, against 0.8-3.6 s and 0.5-3.1 s through the cache).
+        """
+        if self._bands is None:
+            self._bands = _RowBands(self.tmp, self.planes, self._offsets, rows)
+        return self._bands.direct
+
     def _close_fd(self) -> None:
+        if self._bands is not None:
+            bands, self._bands = self._bands, None
+            bands.close()
         if self._mm_fd is not None:
             fd, self._mm_fd = self._mm_fd, None
             os.close(fd)
@@ -556,12 +700,33 @@ class OutputFile:
         at once (the data stay in the page cache), so resident memory does
         not grow with the mosaic width.
         """
+        if self._bands is not None:
+            self._bands.write(name, box, data)
+            return
         view = self._views[name]
         for y in range(box.y0, box.y1, _CHUNK_ROWS):
             y1 = min(y + _CHUNK_ROWS, box.y1)
             view[y:y1, box.x0:box.x1] = data[y - box.y0:y1 - box.y0]
             if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
                 release_rows(self._mm, self._offsets[name], view.strides[0], y, y1)
+
+    def end_rows(self, y0: int, y1: int, *, settle: bool = True) -> None:
+        """Rows ``y0:y1`` of every streamed plane are complete.
+
+        With :meth:`use_bands` the band is written now; then (``settle``) the
+        rows are written back and dropped from the page cache as in
+        :meth:`settle_rows`, unless they never entered it.
+
+        Raises
+        ------
+        ProcessingError
+            With bands: ``y0:y1`` is not the band being filled, or some of its
+            pixels were never written.
+        """
+        if self._bands is not None and self._bands.flush(y0, y1):
+            return  # direct: only the unaligned ends went through the cache
+        if settle:
+            self.settle_rows(y0, y1)
 
     def settle_rows(self, y0: int, y1: int) -> None:
         """Rows ``y0:y1`` of every streamed plane are final: write them to disk and
@@ -587,7 +752,16 @@ class OutputFile:
                 os.posix_fadvise(fd, at, (y1 - y0) * row, os.POSIX_FADV_DONTNEED)
 
     def commit(self, *, durable: bool = False) -> Path:
-        """Flush and atomically rename to the final path; return it."""
+        """Flush and atomically rename to the final path; return it.
+
+        Raises
+        ------
+        ProcessingError
+            A band of rows (:meth:`use_bands`) was begun and never ended.
+        """
+        if self._bands is not None and self._bands.y0 is not None:
+            raise ProcessingError(f"output rows {self._bands.y0}-{self._bands.y1} were "
+                                  "never completed")
         self._views.clear()
         if self._mm is not None:
             if durable:

@@ -92,6 +92,11 @@ class Options:
         drop it from the page cache as the run goes (default), so the output
         never piles up in memory; False leaves write-back to the kernel
         (faster on a slow disk with memory to spare).
+    write_buffer : int
+        MiB of memory for gathering whole-width row bands of the output
+        (one tile row of every output plane: ~21 bytes x core x width).  A
+        band that fits is written with direct I/O, past the page cache;
+        otherwise tiles are written through the memory map.  0 never gathers.
     gain : float or None
         Gain of both images (overridden by ``new_gain``/``ref_gain``; default
         the ``gain_key`` header keyword).
@@ -141,6 +146,7 @@ class Options:
     seed: int = 0
     durable: bool = False
     settle: bool = True
+    write_buffer: int = 256
     gain: float | None = None
     gain_key: str = "GAIN"
     saturate_key: str = "SATURATE"
@@ -215,6 +221,8 @@ class Options:
             raise ConfigError(f"fft_effort must be one of {', '.join(_EFFORTS)}, got {o.fft_effort}")
         if int(o.prefetch) < 0:
             raise ConfigError(f"prefetch must be >= 0, got {o.prefetch}")
+        if int(o.write_buffer) < 0:
+            raise ConfigError(f"write_buffer must be >= 0 MiB, got {o.write_buffer}")
         wisdom = o.wisdom
         if wisdom is not None and wisdom is not False:
             wisdom = Path(wisdom)
@@ -229,7 +237,7 @@ class Options:
             new_gain=None if o.new_gain is None else float(o.new_gain),
             ref_gain=None if o.ref_gain is None else float(o.ref_gain),
             fft_effort=_EFFORTS[effort], prefetch=int(o.prefetch), seed=int(o.seed),
-            durable=bool(o.durable), settle=bool(o.settle),
+            durable=bool(o.durable), settle=bool(o.settle), write_buffer=int(o.write_buffer),
             gain=None if o.gain is None else float(o.gain),
             gain_key=str(o.gain_key).upper(), saturate_key=str(o.saturate_key).upper(),
             psf_size=None if o.psf_size is None else int(o.psf_size),

@@ -1128,6 +1128,7 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
     try:
         if dask is None:
             engine = TileEngine(plan, wisdom=_wisdom_for(opts))
+            _gather_bands(outfile, plan)
             parts, timings = _run_local(engine, outfile, stop, bar)
         else:
             from .distributed import dask_client, run_bands
@@ -1294,7 +1295,7 @@ def _run_local(engine: TileEngine, outfile: OutputFile, stop, bar) -> tuple[list
                 pending.result()
                 engine.timings["wait write"] += time.perf_counter() - t0
             pending = writer.submit(_write_tile, outfile, res, engine.timings,
-                                    engine.plan.shape[1] if engine.plan.opts.settle else None)
+                                    engine.plan.shape[1], engine.plan.opts.settle)
             parts.append(res.candidates)
             if bar is not None:
                 bar.update(1)
@@ -1303,10 +1304,34 @@ def _run_local(engine: TileEngine, outfile: OutputFile, stop, bar) -> tuple[list
     return parts, dict(engine.timings)
 
 
-def _write_tile(outfile: OutputFile, res: TileResult, timings: dict,
-                width: int | None = None) -> None:
+def _band_bytes(plan: RunPlan, planes) -> int:
+    """Memory for one tile row of every streamed output plane."""
+    width = plan.shape[1]
+    return plan.grid.core_shape[0] * width * sum(
+        np.dtype(p.dtype).itemsize for p in planes if p.data is None)
+
+
+def _gather_bands(outfile: OutputFile, plan: RunPlan) -> None:
+    """Write ``outfile`` in whole row bands when one fits ``opts.write_buffer``."""
+    need = _band_bytes(plan, outfile.planes)
+    budget = plan.opts.write_buffer * 2 ** 20
+    if need > budget:
+        if budget:
+            log.debug("a row band of the output needs %.0f MiB > --write-buffer %d: "
+                      "writing tiles through the memory map", need / 2 ** 20,
+                      plan.opts.write_buffer)
+        return
+    direct = outfile.use_bands(plan.grid.core_shape[0])
+    log.debug("output written in row bands of %.0f MiB%s", need / 2 ** 20,
+              " with direct I/O" if direct else "")
+
+
+def _write_tile(outfile: OutputFile, res: TileResult, timings: dict, width: int,
+                settle: bool = True) -> None:
     """Write a tile's planes; after the last tile of a row (its core ends at
-    ``width``), settle the row band (tiles are written in raster order)."""
+    ``width``; tiles are written in raster order) end the row band: written
+    out if the file gathers bands (:meth:`OutputFile.use_bands`), settled if
+    ``settle``."""
     t0 = time.perf_counter()
     for name, arr in (("D", res.d), ("S", res.s), ("SCORR", res.scorr), ("FLUX", res.flux),
                       ("FLUX_ERR", res.flux_err), ("MASK", res.mask)):
@@ -1315,8 +1340,8 @@ def _write_tile(outfile: OutputFile, res: TileResult, timings: dict,
         _trim_heap()
     t1 = time.perf_counter()
     timings["write"] += t1 - t0
-    if width is not None and res.box.x1 == width:
-        outfile.settle_rows(res.box.y0, res.box.y1)
+    if res.box.x1 == width and (settle or outfile.bands):
+        outfile.end_rows(res.box.y0, res.box.y1, settle=settle)
         timings["settle"] += time.perf_counter() - t1
 
 
