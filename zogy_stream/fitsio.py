@@ -528,7 +528,10 @@ class _RowBands:
     def close(self) -> None:
         self._views.clear()
         for buf in self._bufs.values():
-            buf.close()
+            try:
+                buf.close()
+            except BufferError:  # a view is still alive (an error's traceback): GC frees it
+                pass
         self._bufs.clear()
         for fd in (self._fd, self._dfd):
             if fd is not None:
