@@ -531,3 +531,29 @@ def test_output_bands_must_be_complete_and_in_order(tmp_path):
     with pytest.raises(ProcessingError, match="exceeds the 8 buffered"):
         of.write("A", box, data["A"][box.slices])
     of.abort()
+
+
+def test_output_bands_full_disk_is_an_error(tmp_path, monkeypatch):
+    """A direct write failing for a real reason (a full disk) is not retried through
+    the cache: the error reaches the caller (one line from the CLI), and abort leaves
+    nothing behind."""
+    import errno
+
+    data = _band_data()
+    of = OutputFile(tmp_path / "out.fits", _band_planes())
+    if not of.use_bands(16):
+        pytest.skip("this filesystem has no direct I/O")
+    dfd = of._bands._dfd
+    real = os.pwrite
+
+    def pwrite(fd, buf, at):
+        if fd == dfd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buf, at)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(OSError) as info:
+        _write_tiles(of, data)
+    assert info.value.errno == errno.ENOSPC
+    of.abort()
+    assert list(tmp_path.iterdir()) == []
