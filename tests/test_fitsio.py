@@ -557,3 +557,26 @@ def test_output_bands_full_disk_is_an_error(tmp_path, monkeypatch):
     assert info.value.errno == errno.ENOSPC
     of.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_needs_room_on_its_filesystem(tmp_path, monkeypatch):
+    """An output larger than the free space fails at creation (a memory-mapped write
+    to a full disk would kill the process with SIGBUS), with a message naming both
+    sizes, and leaves nothing behind."""
+    real = os.statvfs
+
+    class Small:
+        def __init__(self, st):
+            self.f_frsize = st.f_frsize
+            self.f_bavail = (1 << 20) // st.f_frsize  # 1 MiB free
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Small(real(path)))
+    import errno
+
+    with pytest.raises(OSError, match=r"needs 4 MiB but its filesystem has 1 MiB free") as info:
+        OutputFile(tmp_path / "out.fits", [Plane("A", np.float32, (1024, 1024))])
+    # an OSError (a daemon retries those), not a permanent input error
+    assert info.value.errno == errno.ENOSPC and not isinstance(info.value, InputError)
+    assert info.value.filename == str(tmp_path / "out.fits")
+    assert list(tmp_path.iterdir()) == []
+    OutputFile(tmp_path / "out.fits", [Plane("A", np.float32, (256, 256))]).commit()

@@ -567,6 +567,9 @@ class OutputFile:
     ------
     InputError
         The output directory does not exist or is not writable.
+    OSError
+        ``errno.ENOSPC``: the file would not fit in the free space of its
+        filesystem (checked before anything is written).
     """
 
     def __init__(self, path, planes: Iterable[Plane], *, primary_header=None) -> None:
@@ -643,6 +646,7 @@ class OutputFile:
 
     def _create(self) -> None:
         total, chunks, offsets = self._layout()
+        self._check_space(total)
         try:
             with open(self.tmp, "r+b") as fh:
                 fh.truncate(total)  # sparse: data areas read back as zeros until written
@@ -654,6 +658,21 @@ class OutputFile:
         except OSError as exc:
             raise InputError(f"output '{self.path}': cannot write ({exc.strerror})") from None
         self._map_views(offsets)
+
+    def _check_space(self, total: int) -> None:
+        """Fail now if the filesystem cannot hold the whole file (a memory-mapped
+        write that finds the disk full kills the process with SIGBUS)."""
+        if not hasattr(os, "statvfs"):
+            return
+        try:
+            st = os.statvfs(self.tmp.parent)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < total:  # an OSError, not an InputError: a daemon retries it later
+            raise OSError(errno.ENOSPC, f"needs {total / 2 ** 20:.0f} MiB but its filesystem "
+                          f"has {free / 2 ** 20:.0f} MiB free; free space or write elsewhere",
+                          str(self.path))
 
     def _map_views(self, offsets: dict[str, int]) -> None:
         self._offsets = offsets
