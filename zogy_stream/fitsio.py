@@ -451,7 +451,7 @@ class _RowBands:
         self.offsets = offsets
         self._bufs = {}
         self._views: dict[str, np.ndarray] = {}
-        self._filled: dict[str, int] = {}
+        self._covered: dict[str, np.ndarray] = {}  # columns written, per plane
         self.y0 = self.y1 = None
         self.direct = False
         self._fd = os.open(path, os.O_WRONLY)
@@ -479,7 +479,7 @@ class _RowBands:
                 f"output rows {box.y0}-{box.y1} written while rows {self.y0}-{self.y1} "
                 "are unfinished; row bands must be written one at a time")
         self._views[name][:, box.x0:box.x1] = data
-        self._filled[name] += box.shape[0] * box.shape[1]
+        self._covered[name][box.x0:box.x1] = True
 
     def _start(self, y0: int, y1: int) -> None:
         if y1 - y0 > self.rows:
@@ -491,7 +491,7 @@ class _RowBands:
             self._views[p.name] = np.frombuffer(
                 self._bufs[p.name], dtype=dt, count=(y1 - y0) * p.shape[1],
                 offset=at % _DIRECT_ALIGN).reshape(y1 - y0, p.shape[1])
-            self._filled[p.name] = 0
+            self._covered[p.name] = np.zeros(p.shape[1], bool)
 
     def flush(self, y0: int, y1: int) -> bool:
         """Write the band of rows ``y0:y1``; True if it went past the page cache."""
@@ -499,10 +499,11 @@ class _RowBands:
             raise ProcessingError(f"rows {y0}-{y1} are not the band being written "
                                   f"({self.y0}-{self.y1})")
         for p in self.planes:
-            if self._filled[p.name] != (y1 - y0) * p.shape[1]:
-                raise ProcessingError(f"output plane {p.name}, rows {y0}-{y1}: only "
-                                      f"{self._filled[p.name]} of {(y1 - y0) * p.shape[1]} "
-                                      "pixels were written")
+            missing = np.flatnonzero(~self._covered[p.name])
+            if missing.size:
+                raise ProcessingError(f"output plane {p.name}, rows {y0}-{y1}: columns "
+                                      f"{missing[0]}-{missing[-1] + 1} were never written "
+                                      f"({missing.size} of {p.shape[1]})")
         for p in self.planes:
             view = self._views[p.name]
             at = self.offsets[p.name] + y0 * view.strides[0]
@@ -726,9 +727,11 @@ class OutputFile:
     def write(self, name: str, box: Box, data: np.ndarray) -> None:
         """Write ``data`` into plane ``name`` at ``box`` (byte-swapped on the fly).
 
-        Rows are written in bands whose pages are dropped from this process
-        at once (the data stay in the page cache), so resident memory does
-        not grow with the mosaic width.
+        After :meth:`use_bands` the data go into the band buffer (written by
+        :meth:`end_rows`); otherwise rows are written through the memory map
+        in chunks whose pages are dropped from this process at once (the data
+        stay in the page cache), so resident memory does not grow with the
+        mosaic width.
         """
         if self._bands is not None:
             self._bands.write(name, box, data)

@@ -1313,10 +1313,10 @@ def _band_bytes(plan: RunPlan, planes) -> int:
 
 def _gather_bands(outfile: OutputFile, plan: RunPlan) -> None:
     """Write ``outfile`` in whole row bands when one fits ``opts.write_buffer``."""
-    need = _band_bytes(plan, outfile.planes)
-    budget = plan.opts.write_buffer * 2 ** 20
     if not hasattr(os, "pwrite"):  # Windows: the memory map only
         return
+    need = _band_bytes(plan, outfile.planes)
+    budget = plan.opts.write_buffer * 2 ** 20
     if need > budget:
         if budget:
             log.debug("a row band of the output needs %.0f MiB > --write-buffer %d: "
