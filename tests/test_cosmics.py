@@ -317,6 +317,27 @@ def test_sharpness_values():
         sharpness(np.full((21, 21), np.nan), psf)
 
 
+def test_sharpness_test_reused_across_stamps():
+    """One test object (the PSF's work done once, as the catalogue does per tile) gives
+    every stamp the answer a fresh ``sharper_than_psf`` gives, in any order."""
+    from zogy_stream.cosmics import _SharpnessTest, _validate
+
+    psf = psf_array(3.0, 21)
+    rng = np.random.default_rng(5)
+    stamps = []
+    for k in range(40):
+        s = rng.normal(0.0, 5.0, (21, 21)) + psf * rng.uniform(200, 3e3)
+        if k % 2:
+            s[10 + k % 3 - 1, 10] += rng.uniform(100, 2000)  # a hit on the star
+        stamps.append(s)
+    test = _SharpnessTest(_validate(stamps[0], psf, None)[1], 21)
+    got = [test(_validate(s, test.psf, None)[0]) for s in stamps[::-1]][::-1]
+    want = [sharper_than_psf(s, psf) for s in stamps]
+    assert got == want and 5 < sum(want) < 35  # both answers occur
+    with pytest.raises(ValueError, match="side 21"):
+        test(np.zeros((15, 15)))
+
+
 def test_missing_astroscrappy(monkeypatch):
     monkeypatch.setitem(sys.modules, "astroscrappy", None)   # makes the import fail
     with pytest.raises(CosmicsUnavailableError, match="pip install astroscrappy") as info:

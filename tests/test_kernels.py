@@ -3,6 +3,7 @@ import numpy as np
 from scipy import ndimage
 
 from zogy_stream import _numba as nk
+from zogy_stream.masks import MaskBit
 from zogy_stream.pipeline import _BLANK_STEP, _blank_sky
 from zogy_stream.tiles import Box
 
@@ -32,3 +33,57 @@ def test_blank_samples_match_dilation():
     assert got.shape == want.shape
     assert 0.1 < want.mean() < 0.9  # both outcomes occur
     np.testing.assert_array_equal(got, want)
+
+
+def _grow_reference(mask, radius, a, b, thr_a, thr_b):
+    """``_grow_mask`` spelt out with SciPy: seeds as in ``_seed``, square dilation."""
+    B = lambda bit: (mask & bit) != 0  # noqa: E731
+    bad_new, bad_ref = B(nk.BAD_NEW), B(nk.BAD_REF)
+    hard = B(nk.SATURATED) | B(nk.USER)
+    both = bad_new & bad_ref & ~hard
+    gap_next = np.zeros(mask.shape, bool)  # a 4-neighbour bad in both images
+    gap_next[1:] |= both[:-1]
+    gap_next[:-1] |= both[1:]
+    gap_next[:, 1:] |= both[:, :-1]
+    gap_next[:, :-1] |= both[:, 1:]
+    clean = ~(hard | bad_new | bad_ref | B(nk.OUTSIDE))
+    seed = hard | ((bad_new | bad_ref) & ~both) | (clean & gap_next & ((a > thr_a) | (b > thr_b)))
+    near = ndimage.binary_dilation(seed, np.ones((2 * radius + 1,) * 2, bool)) if radius else seed
+    grown = near & ~(bad_new | bad_ref | hard)
+    return mask | np.where(grown, np.uint8(nk.NEAR), np.uint8(0))
+
+
+def _grow(mask, radius, a, b, thr):
+    out = np.empty_like(mask)
+    nk._grow_mask(mask, radius, np.empty_like(mask), out, a, b, thr, thr)
+    return out
+
+
+def test_grow_mask_matches_dilation():
+    """Seeds far apart (most rows copied), near the edges, in clusters; every kind of seed."""
+    rng = np.random.default_rng(11)
+    shape = (140, 203)
+    a = rng.standard_normal(shape).astype(np.float32)
+    b = rng.standard_normal(shape).astype(np.float32)
+    mask = np.zeros(shape, np.uint8)
+    mask[0, 5] = nk.SATURATED           # first row, grows into rows 0..r only
+    mask[70, 202] = nk.USER             # last column
+    mask[139, 100] = nk.BAD_NEW         # last row, bad in one image
+    mask[30:34, 40:44] = nk.BAD_NEW | nk.BAD_REF  # a common gap cutting a source
+    a[30:36, 44:47] = 40.0
+    mask[100:105, 150] = nk.BAD_REF
+    mask[:, :3] |= nk.OUTSIDE           # OUTSIDE neither seeds nor grows
+    for radius in (0, 1, 4, 12):
+        got = _grow(mask, radius, a, b, 5.0)
+        want = _grow_reference(mask, radius, a, b, 5.0, 5.0)
+        np.testing.assert_array_equal(got, want, err_msg=f"radius {radius}")
+    got = _grow(mask, 4, a, b, 5.0)
+    assert got[55, 100] == 0 and got[4, 5] & nk.NEAR and not got[5 + 4, 5] & nk.NEAR
+
+
+def test_grow_mask_without_seeds_copies_the_mask():
+    mask = np.zeros((64, 80), np.uint8)
+    mask[:, 70:] = nk.OUTSIDE
+    mask[10, 10] = MaskBit.COSMIC  # not a seed
+    z = np.zeros(mask.shape, np.float32)
+    np.testing.assert_array_equal(_grow(mask, 6, z, z, 5.0), mask)

@@ -453,6 +453,7 @@ def _sharper_groups(crmask, data, psf, gain, read_noise):
     p = psf[c - h:c + h + 1, c - h:c + h + 1]
     keep = np.ones(n + 1, bool)
     keep[0] = False
+    profiles = {}
     ny, nx = data.shape
     for k, sl in enumerate(ndimage.find_objects(lab), start=1):
         # the brightest pixel of the group and its neighbours: L.A.Cosmic may flag
@@ -471,9 +472,12 @@ def _sharper_groups(crmask, data, psf, gain, read_noise):
         sky = float(np.median(edge))
         noise = np.maximum(np.sqrt(np.clip(st, 0.0, None) * gain + read_noise * read_noise)
                            / gain, 1e-30)
-        q = p[h - r:h + r + 1, h - r:h + r + 1]
+        if r not in profiles:  # the PSF's share of the test, once per stamp side
+            q = p[h - r:h + r + 1, h - r:h + r + 1]
+            profiles[r] = (q / q.sum(), _PsfProfiles(q / q.sum(), 2 * r + 1))
         keep[k] = any(index > _HIT_INDEX and z > _HIT_NSIGMA
-                      for index, z in _directional(st - sky, q / q.sum(), noise))
+                      for index, z in _directional(st - sky, *profiles[r][:1], noise,
+                                                   profiles[r][1]))
     return keep[lab]
 
 
@@ -586,20 +590,11 @@ def _centre_crop(a, n):
     return a[cy - h:cy + h + 1, cx - h:cx + h + 1]
 
 
-def _peak_ratios(ys, cnt, pprof, centre):
-    """Observed over fitted peak for each profile ``y`` (rows of ``ys``) fitted as
-    ``A * pprof(shifted) + B * cnt``.
-
-    The PSF profile is tried at shifts -1, 0, +1 bins and the best-fitting
-    shift is used.  The three shifted profiles and ``cnt`` form one design
-    shared by every row, so the normal equations are solved for all rows and
-    shifts together (a rank-deficient shift falls back to the minimum-norm
-    solution).  Returns one ``(ratio, excess, bin)`` per row, where ``excess``
-    is the observed minus the fitted value in the peak bin; ratio is NaN when
-    no positive amplitude fits.
-    """
+def _shift_design(cnt, pprof):
+    """The PSF's side of :func:`_peak_ratios`: the profile shifted by -1, 0, +1
+    bins (zero-filled) and the normal-equation terms shared by every row."""
     m = pprof.size
-    design = np.zeros((3, m))  # PSF profile shifted by -1, 0, +1 bins, zero-filled
+    design = np.zeros((3, m))
     design[0, :-1] = pprof[1:]
     design[1] = pprof
     design[2, 1:] = pprof[:-1]
@@ -607,12 +602,30 @@ def _peak_ratios(ys, cnt, pprof, centre):
     ab = design @ cnt
     bb = float(cnt @ cnt)
     det = aa * bb - ab * ab
+    deficient = np.nonzero(~((det > 1e-12 * aa * bb) & (det > 0)))[0]
+    return design, aa, ab, bb, det, deficient
+
+
+def _peak_ratios(ys, cnt, pprof, centre, shifts=None):
+    """Observed over fitted peak for each profile ``y`` (rows of ``ys``) fitted as
+    ``A * pprof(shifted) + B * cnt``.
+
+    The PSF profile is tried at shifts -1, 0, +1 bins and the best-fitting
+    shift is used.  The three shifted profiles and ``cnt`` form one design
+    shared by every row (``shifts``: :func:`_shift_design`'s result, when
+    already made), so the normal equations are solved for all rows and
+    shifts together (a rank-deficient shift falls back to the minimum-norm
+    solution).  Returns one ``(ratio, excess, bin)`` per row, where ``excess``
+    is the observed minus the fitted value in the peak bin; ratio is NaN when
+    no positive amplitude fits.
+    """
+    design, aa, ab, bb, det, deficient = shifts or _shift_design(cnt, pprof)
     ay = design @ ys.T  # (shift, row)
     by = ys @ cnt
     with np.errstate(divide="ignore", invalid="ignore"):
         amp = (bb * ay - ab[:, None] * by) / det[:, None]
         back = (aa[:, None] * by - ab[:, None] * ay) / det[:, None]
-    for k in np.nonzero(~((det > 1e-12 * aa * bb) & (det > 0)))[0]:  # rank-deficient
+    for k in deficient:  # rank-deficient
         coef, *_ = np.linalg.lstsq(np.column_stack([design[k], cnt]), ys.T, rcond=None)
         amp[k], back[k] = coef
     fit = amp[:, :, None] * design[:, None, :] + back[:, :, None] * cnt
@@ -662,40 +675,62 @@ def _validate(stamp, psf, noise):
     return s, p / p.sum(), noise
 
 
-def _directional(stamp, psf, noise):
-    """Per direction: (index, significance of the peak excess)."""
-    s, p = stamp, psf
-    sigma = 1.0 / np.sqrt(2.0 * np.pi * p[p.shape[0] // 2, p.shape[1] // 2])
-    radius = max(2.0, 3.0 * sigma)
-    n = min(s.shape[0], p.shape[0], 2 * int(np.ceil(radius)) + 1)
+class _PsfProfiles:
+    """The PSF's side of :func:`_directional` for stamps of side ``side``, made
+    once per PSF: the window, the four directions' bins, the PSF's and a
+    single-pixel spike's profiles and the spike's peak ratio (a third of the
+    time of a candidate's sharpness test)."""
+
+    def __init__(self, psf, side: int):
+        p = psf
+        sigma = 1.0 / np.sqrt(2.0 * np.pi * p[p.shape[0] // 2, p.shape[1] // 2])
+        self.radius = max(2.0, 3.0 * sigma)
+        self.side = side
+        n = self.n = min(side, p.shape[0], 2 * int(np.ceil(self.radius)) + 1)
+        self.fit_psf = _centre_crop(p, min(side, p.shape[0])).ravel()  # the noise fit's
+        p = _centre_crop(p, n)
+        c = n // 2
+        yy, xx = np.indices((n, n)) - c
+        self.window = np.hypot(xx, yy) <= self.radius
+        pw = p[self.window]
+        delta = ((yy == 0) & (xx == 0))[self.window].astype(np.float64)  # a one-pixel spike
+        self.dirs = []
+        for across in (yy, xx, xx - yy, xx + yy):
+            t = across[self.window]
+            off = -int(t.min())
+            t = t + off
+            cnt = np.bincount(t).astype(np.float64)
+            pprof = np.bincount(t, weights=pw)
+            shifts = _shift_design(cnt, pprof)
+            spike = np.bincount(t, weights=delta)
+            (r_delta, _, _), = _peak_ratios(spike[None], cnt, pprof, off, shifts)
+            self.dirs.append((t, off, cnt, pprof, shifts, r_delta))
+
+
+def _directional(stamp, psf, noise, profiles=None):
+    """Per direction: (index, significance of the peak excess).
+
+    ``profiles`` is ``_PsfProfiles(psf, stamp side)`` when already made."""
+    s = stamp
+    pr = profiles if profiles is not None else _PsfProfiles(psf, s.shape[0])
+    if pr.side != s.shape[0]:
+        raise ValueError(f"profiles made for stamps of side {pr.side}, got {s.shape[0]}")
+    n = pr.n
     if noise is None:
         # robust per-pixel noise from the residuals of a 2-D fit A * psf + B
-        pp = _centre_crop(p, min(s.shape[0], p.shape[0]))
-        ss = _centre_crop(s, pp.shape[0])
-        a, y = pp.ravel(), ss.ravel()
+        a = pr.fit_psf
+        y = _centre_crop(s, int(round(math.sqrt(a.size)))).ravel()
         coef = _lsq2(a, np.ones(a.size), y)
         var = np.full((n, n), float(mad_std(y - coef[0] * a - coef[1])) ** 2)
     else:
         var = np.broadcast_to(noise, s.shape)
         var = _centre_crop(np.asarray(var), n) ** 2
     s = _centre_crop(s, n)
-    p = _centre_crop(p, n)
-    c = n // 2
-    yy, xx = np.indices((n, n)) - c
-    window = np.hypot(xx, yy) <= radius
-    delta = np.zeros_like(s)
-    delta[c, c] = 1.0
     out = []
-    sw, pw, dw, vw = s[window], p[window], delta[window], var[window]
-    for across in (yy, xx, xx - yy, xx + yy):
-        t = across[window]
-        off = -int(t.min())
-        t = t + off
-        cnt = np.bincount(t).astype(np.float64)
-        pprof = np.bincount(t, weights=pw)
+    sw, vw = s[pr.window], var[pr.window]
+    for t, off, cnt, pprof, shifts, r_delta in pr.dirs:
         vprof = np.bincount(t, weights=vw)
-        (r, excess, j), (r_delta, _, _) = _peak_ratios(
-            np.stack([np.bincount(t, weights=sw), np.bincount(t, weights=dw)]), cnt, pprof, off)
+        (r, excess, j), = _peak_ratios(np.bincount(t, weights=sw)[None], cnt, pprof, off, shifts)
         if np.isfinite(r) and np.isfinite(r_delta) and r_delta > 1.0:
             z = excess / np.sqrt(vprof[j]) if vprof[j] > 0 else np.inf
             out.append(((r - 1.0) / (r_delta - 1.0), float(z)))
@@ -777,7 +812,20 @@ def sharper_than_psf(stamp, psf, *, threshold=0.3, nsigma=4.0, noise=None) -> bo
         Invalid inputs (see :func:`sharpness`) or non-positive ``noise``.
     """
     s, p, noise = _validate(stamp, psf, noise)
-    for idx, z in _directional(s, p, noise):
-        if idx > threshold and z > nsigma:
-            return True
-    return False
+    return _SharpnessTest(p, s.shape[0], threshold=threshold, nsigma=nsigma)(s, noise)
+
+
+class _SharpnessTest:
+    """:func:`sharper_than_psf` for many stamps of one side and one PSF (normalised,
+    validated): the PSF's share of the work is done once, here."""
+
+    def __init__(self, psf, side: int, *, threshold=0.3, nsigma=4.0):
+        self.profiles = _PsfProfiles(psf, side)
+        self.psf = psf
+        self.threshold, self.nsigma = threshold, nsigma
+
+    def __call__(self, stamp, noise=None) -> bool:
+        for idx, z in _directional(stamp, self.psf, noise, self.profiles):
+            if idx > self.threshold and z > self.nsigma:
+                return True
+        return False

@@ -78,7 +78,18 @@ def annotate_candidates(cands: Table, mask_ext: np.ndarray, windows: dict, tile,
     flags = np.zeros(n, np.int16)
     sharp = np.zeros(n, bool)
     if n:
-        from .cosmics import sharper_than_psf
+        from .cosmics import _SharpnessTest, _validate
+
+        tests = {}
+
+        def sharper(st, positive):  # one test per sign and tile: the PSF's work done once
+            test = tests.get(positive)
+            if test is None:
+                psf = psf_n if positive else psf_r
+                c, h = psf.shape[0] // 2, st.shape[0] // 2
+                _, p, _ = _validate(st, psf[c - h:c + h + 1, c - h:c + h + 1], None)
+                test = tests[positive] = _SharpnessTest(p, st.shape[0])
+            return test(_validate(st, test.psf, None)[0])
 
         ny, nx = mask_ext.shape
         r_near, r_sat = 2 * peak + 1, grow + 2 * peak
@@ -100,11 +111,9 @@ def annotate_candidates(cands: Table, mask_ext: np.ndarray, windows: dict, tile,
             h = min(psf.shape[0] // 2, 15)
             st = _stamp(img, int(cands["y_peak"][k]) - v.y0, int(cands["x_peak"][k]) - v.x0, h)
             if st is not None:
-                c = psf.shape[0] // 2
-                p = psf[c - h:c + h + 1, c - h:c + h + 1]
                 edge = np.concatenate([st[0], st[-1], st[:, 0], st[:, -1]])
                 try:
-                    sharp[k] = bool(sharper_than_psf(st - np.median(edge), p))
+                    sharp[k] = bool(sharper(st - np.median(edge), positive))
                 except Exception as exc:  # never let a vetting aid stop the run
                     log.debug("sharpness failed at candidate %d: %s", k, exc)
             if sharp[k]:
