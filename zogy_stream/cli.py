@@ -183,6 +183,10 @@ def subtraction_parent() -> argparse.ArgumentParser:
                    help="MiB for gathering whole rows of output tiles, written with direct "
                         "I/O past the page cache when a tile row of all planes fits "
                         "(default 256; 0: write through the memory map)")
+    g.add_argument("--parallel-tiles", metavar="N", type=_nonneg_int,
+                   help="tiles processed at once, sharing --threads (default 0: 2 when "
+                        "there are >= 2 threads and the output is written in row bands, "
+                        "else 1; ~100 MB more a tile)")
     return p
 
 
@@ -216,6 +220,7 @@ def subtract_kwargs(args: argparse.Namespace) -> dict:
         threads=args.threads, image_space=args.image_space,
         wisdom=False if args.no_wisdom else args.wisdom, fft_effort=args.fft_effort,
         dask=args.dask, settle=not args.no_settle, write_buffer=args.write_buffer,
+        parallel_tiles=args.parallel_tiles,
     )
 
 

@@ -97,6 +97,12 @@ class Options:
         (one tile row of every output plane: ~21 bytes x core x width).  A
         band that fits is written with direct I/O, past the page cache;
         otherwise tiles are written through the memory map.  0 never gathers.
+    parallel_tiles : int
+        Tiles processed at once by :func:`~zogy_stream.pipeline.subtract`, each
+        with ``threads // parallel_tiles`` threads (~100 MB each at the default
+        tile).  0 (default): 2 when ``threads`` >= 2 and the output is written in
+        row bands (see ``write_buffer``), else 1: the largest mosaics, written
+        through the memory map, keep the smaller footprint.
     gain : float or None
         Gain of both images (overridden by ``new_gain``/``ref_gain``; default
         the ``gain_key`` header keyword).
@@ -147,6 +153,7 @@ class Options:
     durable: bool = False
     settle: bool = True
     write_buffer: int = 256
+    parallel_tiles: int = 0
     gain: float | None = None
     gain_key: str = "GAIN"
     saturate_key: str = "SATURATE"
@@ -223,6 +230,8 @@ class Options:
             raise ConfigError(f"prefetch must be >= 0, got {o.prefetch}")
         if int(o.write_buffer) < 0:
             raise ConfigError(f"write_buffer must be >= 0 MiB, got {o.write_buffer}")
+        if int(o.parallel_tiles) < 0:
+            raise ConfigError(f"parallel_tiles must be >= 0 (0: automatic), got {o.parallel_tiles}")
         wisdom = o.wisdom
         if wisdom is not None and wisdom is not False:
             wisdom = Path(wisdom)
@@ -238,6 +247,7 @@ class Options:
             ref_gain=None if o.ref_gain is None else float(o.ref_gain),
             fft_effort=_EFFORTS[effort], prefetch=int(o.prefetch), seed=int(o.seed),
             durable=bool(o.durable), settle=bool(o.settle), write_buffer=int(o.write_buffer),
+            parallel_tiles=int(o.parallel_tiles),
             gain=None if o.gain is None else float(o.gain),
             gain_key=str(o.gain_key).upper(), saturate_key=str(o.saturate_key).upper(),
             psf_size=None if o.psf_size is None else int(o.psf_size),
