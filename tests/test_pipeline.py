@@ -434,6 +434,25 @@ def test_parallel_tiles_give_the_same_products(tmp_path, caplog):
     assert auto.timings["fft forward"] > 0 and auto.timings["candidates"] > 0  # summed back
 
 
+def test_parallel_tiles_need_a_threadsafe_numba_layer(tmp_path, caplog, monkeypatch):
+    """With Numba's workqueue layer (no TBB, no OpenMP) two threads must not run
+    parallel kernels at once: one tile at a time, said in the log when asked for."""
+    from zogy_stream import _numba as nk
+    from zogy_stream import subtract
+    from zogy_stream.simulate import make_scene
+
+    assert nk.threadsafe_layer()  # this machine: omp or tbb
+    monkeypatch.setattr(nk, "threadsafe_layer", lambda: False)
+    sc = make_scene((256, 256), seed=6, n_transients=2)
+    kw = dict(new_psf=sc.new_psf, ref_psf=sc.ref_psf, flux_ratio=1.0, tile=128, wisdom=False,
+              threads=2)
+    with caplog.at_level(logging.DEBUG, logger="zogy_stream.pipeline"):
+        subtract(sc.new, sc.ref, tmp_path / "a.fits", parallel_tiles=2, **kw)
+    assert "cannot run kernels from two threads at once" in caplog.text
+    assert "1 tile(s) at once, 2 thread(s) each" in caplog.text
+    assert any(r.levelname == "WARNING" for r in caplog.records)
+
+
 def test_parallel_tiles_errors_propagate(tmp_path):
     """An input error in a tile processed beside another stops the run cleanly: the
     error is raised, nothing is left behind, and the option is validated."""

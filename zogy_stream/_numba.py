@@ -526,3 +526,23 @@ def _lacosmic_seeds(e, rn2, thresh, rowmin, out):
             lap = (max(p2 - le - up, 0.0) + max(p2 - ri - up, 0.0)
                    + max(p2 - le - do, 0.0) + max(p2 - ri - do, 0.0))
             out[y, x] = lap / 8.0 > thresh * noise
+
+
+# ------------------------------------------------------------- threading layer
+@njit(parallel=True, **_OPTS)
+def _touch(a):
+    for i in prange(a.shape[0]):
+        a[i] = i
+
+
+def threadsafe_layer() -> bool:
+    """Whether Numba's threading layer runs parallel kernels called from several
+    threads at once (``tbb`` and ``omp`` do; ``workqueue`` aborts the process)."""
+    import numba
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # chosen when the first parallel kernel runs
+        _touch(np.zeros(2))
+        layer = numba.threading_layer()
+    return layer in ("tbb", "omp")

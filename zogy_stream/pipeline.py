@@ -1411,6 +1411,11 @@ def _parallel_tiles(plan: RunPlan, outfile: OutputFile) -> int:
     threads and ``outfile`` gathers row bands, else 1), at most one per thread."""
     n = plan.opts.parallel_tiles or (2 if outfile.bands else 1)
     n = max(1, min(n, plan.opts.threads, len(plan.grid)))
+    if n > 1 and not nk.threadsafe_layer():
+        (log.warning if plan.opts.parallel_tiles > 1 else log.debug)(
+            "Numba's threading layer cannot run kernels from two threads at once "
+            "(pip install tbb, or an OpenMP runtime): one tile at a time")
+        n = 1
     log.debug("%d tile(s) at once, %d thread(s) each", n, max(1, plan.opts.threads // n))
     return n
 
