@@ -277,3 +277,67 @@ def test_run_into_caller_buffers():
                 np.empty((4, 3000), np.float32)):
         with pytest.raises(ValueError, match="out must be"):
             sub.run(ks, region, var_const=1.0, out=bad)
+
+
+def test_kernel_cache_is_shared_safely_between_threads(monkeypatch):
+    """Tiles processed at once share one cache: a set being built by one thread is
+    waited for by the others (built once, the same object), and a failed build is
+    retried by the waiter, which then fails itself."""
+    import importlib
+    import threading
+
+    from zogy_stream.simulate import gaussian_psf
+
+    zogy = importlib.import_module("zogy_stream.zogy")  # the package's ``zogy`` is a function
+
+    psf = gaussian_psf(3.0, size=15)
+    cache = zogy.KernelCache((64, 64), dtype=np.float32)
+    real, gate, calls = zogy.make_kernels, threading.Event(), []
+
+    def slow(*a, **k):
+        calls.append(1)
+        gate.wait(5)  # hold the build until every thread has asked
+        return real(*a, **k)
+
+    monkeypatch.setattr(zogy, "make_kernels", slow)
+    got = [None] * 4
+
+    def ask(i):
+        got[i] = cache.get(0, psf, psf, sigma_n=1.0, sigma_r=1.2, flux_ratio=1.0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    while not calls:
+        pass
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 1 and cache.builds == 1
+    assert all(g is got[0] for g in got) and got[0] is not None
+
+    def broken(*a, **k):
+        calls.append(1)
+        gate2.wait(5)
+        raise RuntimeError("build failed")
+
+    gate2 = threading.Event()
+    calls.clear()
+    monkeypatch.setattr(zogy, "make_kernels", broken)
+    errors = []
+
+    def ask2():
+        try:
+            cache.get(1, psf, psf, sigma_n=1.0, sigma_r=1.0, flux_ratio=1.0)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask2) for _ in range(2)]
+    for t in threads:
+        t.start()
+    while not calls:
+        pass
+    gate2.set()
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 2 and len(calls) == 2 and cache.builds == 1

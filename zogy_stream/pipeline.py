@@ -401,13 +401,18 @@ class TileEngine:
     plan : RunPlan
     wisdom : Wisdom, optional
         FFTW wisdom cache (loaded before planning, saved after).
+    threads : int, optional
+        FFT threads of :meth:`process` (default ``plan.opts.threads``; fewer when
+        several tiles are processed at once, see :meth:`fork`).
     """
 
     _EMPTY = np.empty((1, 1), dtype=np.float32)
 
-    def __init__(self, plan: RunPlan, *, wisdom: Wisdom | None = None) -> None:
+    def __init__(self, plan: RunPlan, *, wisdom: Wisdom | None = None,
+                 threads: int | None = None) -> None:
         self.plan = plan
         o = plan.opts
+        self.threads = int(threads or o.threads)
         self.readers = {label: ImageReader(src, label=label)
                         for label, src in plan.inputs.sources().items()}
         self.timings: dict[str, float] = defaultdict(float)
@@ -418,7 +423,7 @@ class TileEngine:
         t0 = time.perf_counter()
         self.sub = TileSubtractor(plan.grid.size, has_var=plan.has_var, split=plan.split,
                                   image_space=o.image_space, radius=plan.kernel_radius,
-                                  threads=o.threads, effort=o.fft_effort)
+                                  threads=self.threads, effort=o.fft_effort)
         self.timings["plan"] += time.perf_counter() - t0
         if wisdom is not None and pyfftw.export_wisdom() != known:
             wisdom.save()  # the planner learned something: keep it for the next run
@@ -441,21 +446,21 @@ class TileEngine:
             self._cosmics_psf = tuple(psf if measure_psf(psf)[0] < UNDERSAMPLED_FWHM else None
                                       for psf in (plan.new_psf, plan.ref_psf))
 
-    def fork(self, threads: int) -> "TileEngine":
-        """Another compute context for :meth:`process` on this engine's plan: its
-        own FFT plans (on ``threads`` threads), kernel cache, work buffers and
-        timings, so two tiles can be processed at once.  Readers and background
-        meshes are shared: :meth:`load` stays with this engine (one reader thread).
+    def fork(self) -> "TileEngine":
+        """Another compute context for :meth:`process` on this engine's plan, so
+        two tiles can be processed at once: its own FFT plans (on as many
+        threads), work buffers and timings.  Readers, background meshes and the
+        (thread-safe) kernel cache are shared; :meth:`load` stays with this
+        engine (one reader thread).
         """
         p, o = self.plan, self.plan.opts
         twin = copy.copy(self)
         known = pyfftw.export_wisdom()
         twin.sub = TileSubtractor(p.grid.size, has_var=p.has_var, split=p.split,
                                   image_space=o.image_space, radius=p.kernel_radius,
-                                  threads=threads, effort=o.fft_effort)
+                                  threads=self.threads, effort=o.fft_effort)
         if self._wisdom is not None and pyfftw.export_wisdom() != known:
             self._wisdom.save()
-        twin.kernels = KernelCache(p.grid.size, dtype=np.float32)
         for name in ("_mask", "_grown", "_tmp", "_nonpos"):
             setattr(twin, name, np.empty_like(getattr(self, name)))
         twin.timings = defaultdict(float)
@@ -935,9 +940,11 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0,
 def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResult]:
     """:func:`_iter_tiles` with ``n`` tiles processed at once, results in order.
 
-    Tile k goes to compute context ``k % n`` (:meth:`TileEngine.fork`, each
-    with its own single-worker thread, so a context never has two tiles), with
-    ``threads // n`` FFT and Numba threads each; one thread reads ahead for all.
+    Tile k goes to compute context ``k % n`` (``engine`` and its
+    :meth:`TileEngine.fork`s, each with its own single-worker thread, so a
+    context never has two tiles), each with ``engine.threads`` FFT and Numba
+    threads (``threads // n``: see :func:`_parallel_tiles`); one thread reads
+    ahead for all.
     On 2 cores this beats one tile on 2 threads: FFTW's and Numba's threads
     wait on each other at every step, and the reader and writer threads keep
     preempting one of them (8192^2: 4.8-5.1 s against 5.6-5.9 s).  The
@@ -949,12 +956,12 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
     """
     import numba
 
-    threads = max(1, engine.plan.opts.threads // n)
+    threads = engine.threads
     core = engine.plan.grid.core_shape
     b = engine.plan.peak_radius
     bufs = [np.empty((5, (core[0] + 2 * b) * (core[1] + 2 * b)), engine.sub.dtype)
             for _ in range(2 * n)]
-    workers = [engine.fork(threads) for _ in range(n)]
+    workers = [engine] + [engine.fork() for _ in range(n - 1)]
 
     def init():  # Numba's thread count is per calling thread
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
@@ -999,7 +1006,7 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
         reader.shutdown(wait=True, cancel_futures=True)
-        for w in workers:  # stage times summed over the contexts
+        for w in workers[1:]:  # stage times summed over the contexts
             for k, v in w.timings.items():
                 engine.timings[k] += v
 
@@ -1228,9 +1235,12 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
     cat_path = None
     try:
         if dask is None:
-            engine = TileEngine(plan, wisdom=_wisdom_for(opts))
-            _gather_bands(outfile, plan)
-            parts, timings = _run_local(engine, outfile, stop, bar)
+            bands = _bands_fit(plan, planes)
+            n = _parallel_tiles(plan, bands)
+            engine = TileEngine(plan, wisdom=_wisdom_for(opts),
+                                threads=max(1, opts.threads // n))
+            _gather_bands(outfile, plan, bands)
+            parts, timings = _run_local(engine, outfile, stop, bar, parallel=n)
         else:
             from .distributed import dask_client, run_bands
 
@@ -1383,15 +1393,15 @@ def _check_output(path, label: str) -> Path:
     return path
 
 
-def _run_local(engine: TileEngine, outfile: OutputFile, stop, bar) -> tuple[list, dict]:
-    """Process every tile here, writing each in a background thread."""
+def _run_local(engine: TileEngine, outfile: OutputFile, stop, bar,
+               parallel: int = 1) -> tuple[list, dict]:
+    """Process every tile here (``parallel`` at once), writing each in a background thread."""
     parts = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zogy-write") as writer:
         pending = None
         # two product buffers in turn: tile k is computed while tile k - 1 is
         # written, and tile k + 1 only after that write has finished (below)
-        n = _parallel_tiles(engine.plan, outfile)
-        for res in _iter_tiles(engine, iter(engine.plan.grid), stop, ring=2, parallel=n):
+        for res in _iter_tiles(engine, iter(engine.plan.grid), stop, ring=2, parallel=parallel):
             if pending is not None:
                 t0 = time.perf_counter()
                 pending.result()
@@ -1406,10 +1416,10 @@ def _run_local(engine: TileEngine, outfile: OutputFile, stop, bar) -> tuple[list
     return parts, dict(engine.timings)
 
 
-def _parallel_tiles(plan: RunPlan, outfile: OutputFile) -> int:
+def _parallel_tiles(plan: RunPlan, bands: bool) -> int:
     """Tiles to process at once (``opts.parallel_tiles``; 0: 2 when there are >= 2
-    threads and ``outfile`` gathers row bands, else 1), at most one per thread."""
-    n = plan.opts.parallel_tiles or (2 if outfile.bands else 1)
+    threads and the output is gathered in row ``bands``, else 1), at most one per thread."""
+    n = plan.opts.parallel_tiles or (2 if bands else 1)
     n = max(1, min(n, plan.opts.threads, len(plan.grid)))
     if n > 1 and not nk.threadsafe_layer():
         (log.warning if plan.opts.parallel_tiles > 1 else log.debug)(
@@ -1427,21 +1437,28 @@ def _band_bytes(plan: RunPlan, planes) -> int:
         np.dtype(p.dtype).itemsize for p in planes if p.data is None)
 
 
-def _gather_bands(outfile: OutputFile, plan: RunPlan) -> None:
-    """Write ``outfile`` in whole row bands when one fits ``opts.write_buffer``."""
+def _bands_fit(plan: RunPlan, planes) -> bool:
+    """Whether the output (``planes``) is to be written in whole row bands: one
+    fits ``opts.write_buffer`` and there is ``os.pwrite`` (not on Windows)."""
     if not hasattr(os, "pwrite"):  # Windows: the memory map only
-        return
-    need = _band_bytes(plan, outfile.planes)
+        return False
+    need = _band_bytes(plan, planes)
     budget = plan.opts.write_buffer * 2 ** 20
-    if need > budget:
-        if budget:
-            log.debug("a row band of the output needs %.0f MiB > --write-buffer %d: "
-                      "writing tiles through the memory map", need / 2 ** 20,
-                      plan.opts.write_buffer)
+    if need > budget and budget:
+        log.debug("a row band of the output needs %.0f MiB > --write-buffer %d: "
+                  "writing tiles through the memory map", need / 2 ** 20,
+                  plan.opts.write_buffer)
+    return need <= budget
+
+
+def _gather_bands(outfile: OutputFile, plan: RunPlan, fit: bool | None = None) -> None:
+    """Write ``outfile`` in whole row bands when one fits ``opts.write_buffer``
+    (``fit``: :func:`_bands_fit`'s answer, when already asked)."""
+    if not (_bands_fit(plan, outfile.planes) if fit is None else fit):
         return
     direct = outfile.use_bands(plan.grid.core_shape[0])
-    log.debug("output written in row bands of %.0f MiB%s", need / 2 ** 20,
-              " with direct I/O" if direct else "")
+    log.debug("output written in row bands of %.0f MiB%s",
+              _band_bytes(plan, outfile.planes) / 2 ** 20, " with direct I/O" if direct else "")
 
 
 def _write_tile(outfile: OutputFile, res: TileResult, timings: dict, width: int,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -280,27 +281,51 @@ class KernelCache:
         self.dtype = np.dtype(dtype)
         self.maxsize = maxsize
         self._kernels: OrderedDict = OrderedDict()
+        self._building: dict = {}  # key -> [threading.Event, KernelSet or None]
+        self._lock = threading.Lock()
         self.builds = 0
 
     def get(self, psf_key, psf_n, psf_r, *, sigma_n: float, sigma_r: float,
             flux_ratio: float) -> KernelSet:
-        """Kernels for snapped noise levels, built on first use."""
+        """Kernels for snapped noise levels, built on first use.
+
+        Thread-safe: tiles processed at once share the cache, and a set being
+        built by one thread is waited for, not built again, by another.
+        """
         sn, sr = snap_sigma(sigma_n), snap_sigma(sigma_r)
         key = (psf_key, sn, sr, float(flux_ratio))
-        ks = self._kernels.get(key)
-        if ks is not None:
-            self._kernels.move_to_end(key)
-            return ks
-        # The PSF transforms are recomputed per build (two FFTs, small next to
-        # the build) rather than cached: that is 2 full-size complex128 arrays.
-        spectra = PsfSpectra.from_psfs(psf_n, psf_r, self.shape)
-        ks = make_kernels(spectra, sigma_n=sn, sigma_r=sr, flux_ratio=flux_ratio, dtype=self.dtype)
-        del spectra
-        self.builds += 1
-        self._kernels[key] = ks
-        if len(self._kernels) > self.maxsize:
-            self._kernels.popitem(last=False)
-        return ks
+        with self._lock:
+            ks = self._kernels.get(key)
+            if ks is not None:
+                self._kernels.move_to_end(key)
+                return ks
+            job = self._building.get(key)
+            owner = job is None
+            if owner:
+                job = self._building[key] = [threading.Event(), None]
+        if not owner:
+            job[0].wait()
+            if job[1] is not None:
+                return job[1]
+            return self.get(psf_key, psf_n, psf_r, sigma_n=sigma_n, sigma_r=sigma_r,
+                            flux_ratio=flux_ratio)  # its build failed: try here
+        try:
+            # The PSF transforms are recomputed per build (two FFTs, small next to
+            # the build) rather than cached: that is 2 full-size complex128 arrays.
+            spectra = PsfSpectra.from_psfs(psf_n, psf_r, self.shape)
+            job[1] = make_kernels(spectra, sigma_n=sn, sigma_r=sr, flux_ratio=flux_ratio,
+                                  dtype=self.dtype)
+            del spectra
+        finally:
+            with self._lock:
+                del self._building[key]
+                if job[1] is not None:
+                    self.builds += 1
+                    self._kernels[key] = job[1]
+                    if len(self._kernels) > self.maxsize:
+                        self._kernels.popitem(last=False)
+            job[0].set()
+        return job[1]
 
 
 class TileSubtractor:
