@@ -19,7 +19,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 _OPTS = dict(cache=True, nogil=True)
 
@@ -546,3 +548,43 @@ def threadsafe_layer() -> bool:
         _touch(np.zeros(2))
         layer = numba.threading_layer()
     return layer in ("tbb", "omp")
+
+
+# ----------------------------------------------------------------------------- reading
+# pread(2) called from compiled code: one call per row of a tile window without the
+# interpreter's ~1.5 us a call (a 1216-row window of an 8192-wide plane: 1.6 ms
+# against 3.0 ms with os.preadv from Python).  The symbol is resolved at link time,
+# so the kernel is cached like the others.
+_pread = types.ExternalFunction("pread", types.intp(types.intc, types.voidptr, types.uintp,
+                                                    types.int64))
+
+
+@intrinsic
+def _byte_address(typingctx, arr, offset):
+    """``void *`` to byte ``offset`` of a C-contiguous uint8 array."""
+    sig = types.voidptr(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        return builder.bitcast(ptr, ir.IntType(8).as_pointer())
+
+    return sig, codegen
+
+
+@njit(**_OPTS)
+def _pread_rows(fd, buf, nrows, row_nbytes, first, stride):
+    """Read ``nrows`` rows of ``row_nbytes`` bytes, the i-th at file offset
+    ``first + i * stride``, one after the other into ``buf`` (uint8, C order).
+    Returns the rows read in full: fewer at end of file or on any error (errno
+    is not looked at; the caller reads the rest with ``os.preadv``, which
+    retries EINTR and raises the others)."""
+    for i in range(nrows):
+        done = 0
+        while done < row_nbytes:
+            n = _pread(fd, _byte_address(buf, i * row_nbytes + done), row_nbytes - done,
+                       first + i * stride + done)
+            if n <= 0:
+                return i
+            done += n
+    return nrows

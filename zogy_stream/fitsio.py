@@ -123,6 +123,7 @@ class ImageReader:
         self._fd: int | None = None  # pread() of uncompressed windows
         self._file_offset = 0
         self._scratch: np.ndarray | None = None
+        self._compiled_reads = True  # rows of a window read by one compiled loop
         if isinstance(source, np.ndarray) or hasattr(source, "__array__") and not isinstance(
             source, (str, os.PathLike)
         ):
@@ -253,11 +254,28 @@ class ImageReader:
         if step == 1 and w == self.shape[1]:
             self._pread(raw.reshape(-1), at + box.y0 * row_bytes, box.y0)
         else:
-            for i, y in enumerate(rows):
-                self._pread(raw[i], at + y * row_bytes, y)
+            done = self._pread_compiled(raw, at + box.y0 * row_bytes, step * row_bytes)
+            for i in range(done, len(rows)):  # the rest (end of file, errors) from Python
+                self._pread(raw[i], at + rows[i] * row_bytes, rows[i])
         if step > 1:
             raw = raw[:, ::step]
         return self._scale_raw(raw, raw.astype(np.float32))
+
+    def _pread_compiled(self, raw: np.ndarray, first: int, stride: int) -> int:
+        """Rows of ``raw`` read by the compiled loop (:func:`_numba._pread_rows`):
+        all of them but at end of file or an error; 0 where it cannot be built."""
+        if not self._compiled_reads:
+            return 0
+        from . import _numba as nk
+
+        try:
+            return int(nk._pread_rows(self._fd, raw.reshape(-1).view(np.uint8), raw.shape[0],
+                                      raw.shape[1] * raw.itemsize, first, stride))
+        except Exception as exc:  # noqa: BLE001 - no pread symbol to link on this platform
+            log.debug("%s: compiled row reads unavailable (%s); reading rows from Python",
+                      self.label, exc)
+            self._compiled_reads = False
+            return 0
 
     def _pread(self, buf: np.ndarray, at: int, row: int) -> None:
         view = memoryview(buf).cast("B")
