@@ -531,23 +531,16 @@ def _lacosmic_seeds(e, rn2, thresh, rowmin, out):
 
 
 # ------------------------------------------------------------- threading layer
-@njit(parallel=True, **_OPTS)
-def _touch(a):
-    for i in prange(a.shape[0]):
-        a[i] = i
-
-
 def threadsafe_layer() -> bool:
     """Whether Numba's threading layer runs parallel kernels called from several
-    threads at once (``tbb`` and ``omp`` do; ``workqueue`` aborts the process)."""
+    threads at once (``tbb`` and ``omp`` do; ``workqueue`` aborts the process).
+    Numba chooses the layer when the first parallel kernel runs; False before."""
     import numba
 
     try:
-        layer = numba.threading_layer()
-    except ValueError:  # chosen when the first parallel kernel runs
-        _touch(np.zeros(2))
-        layer = numba.threading_layer()
-    return layer in ("tbb", "omp")
+        return numba.threading_layer() in ("tbb", "omp")
+    except ValueError:
+        return False
 
 
 # ----------------------------------------------------------------------------- reading

@@ -940,7 +940,9 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0,
 def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResult]:
     """:func:`_iter_tiles` with ``n`` tiles processed at once, results in order.
 
-    Tile k goes to compute context ``k % n`` (``engine`` and its
+    The first tile runs alone: Numba chooses its threading layer there, and
+    with ``workqueue``, which cannot run kernels from two threads at once, the
+    rest run one at a time too.  Tile k goes to compute context ``k % n`` (``engine`` and its
     :meth:`TileEngine.fork`s, each with its own single-worker thread, so a
     context never has two tiles), each with ``engine.threads`` FFT and Numba
     threads (``threads // n``: see :func:`_parallel_tiles`); one thread reads
@@ -986,13 +988,24 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
         t0 = time.perf_counter()
         loaded = fut.result()
         engine.timings["wait read"] += time.perf_counter() - t0
-        w = k % n
+        w = k % active
         running.append(pools[w].submit(workers[w].process, loaded, bufs[k % len(bufs)]))
 
+    active = n
     try:
         for _ in range(n + max(engine.plan.opts.prefetch, 1)):
             read_next()
-        for _ in range(n):
+        start_next()  # the first tile alone: Numba chooses its threading layer in it
+        if running:
+            first = running[0].result()
+            if not nk.threadsafe_layer():
+                (log.warning if engine.plan.opts.parallel_tiles > 1 else log.debug)(
+                    "Numba's threading layer (%s) cannot run kernels from two threads at "
+                    "once (pip install tbb, or an OpenMP runtime): one tile at a time",
+                    _layer_name())
+                active = 1
+            del first
+        for _ in range(active - 1):
             start_next()
         while running:
             if stop is not None and stop.is_set():
@@ -1009,6 +1022,15 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
         for w in workers[1:]:  # stage times summed over the contexts
             for k, v in w.timings.items():
                 engine.timings[k] += v
+
+
+def _layer_name() -> str:
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return "not chosen"
 
 
 def _make_inputs(new, ref, kw: dict) -> tuple[Inputs, Options]:
@@ -1421,11 +1443,6 @@ def _parallel_tiles(plan: RunPlan, bands: bool) -> int:
     threads and the output is gathered in row ``bands``, else 1), at most one per thread."""
     n = plan.opts.parallel_tiles or (2 if bands else 1)
     n = max(1, min(n, plan.opts.threads, len(plan.grid)))
-    if n > 1 and not nk.threadsafe_layer():
-        (log.warning if plan.opts.parallel_tiles > 1 else log.debug)(
-            "Numba's threading layer cannot run kernels from two threads at once "
-            "(pip install tbb, or an OpenMP runtime): one tile at a time")
-        n = 1
     log.debug("%d tile(s) at once, %d thread(s) each", n, max(1, plan.opts.threads // n))
     return n
 
