@@ -669,3 +669,42 @@ def test_flux_ratio_independent_of_the_estimated_psfs_wings(tmp_path, name, seed
     plan = plan_run(Inputs(new=paths["new"], ref=paths["ref"]), Options(wisdom=False))
     assert plan.flux_ratio_src == "auto"
     assert plan.flux_ratio == pytest.approx(1.2, rel=0.02), plan.flux_ratio
+
+
+def test_weak_moffat_fallback_takes_the_better_known_beta(monkeypatch):
+    """A Moffat fallback fitted to 1-2 stars or below S/N 20 is refitted with the beta
+    of the better-known PSF of the pair (a Moffat from more or brighter stars, or an
+    empirical/given PSF, whose beta is fitted to its image); never the other way."""
+    from zogy_stream import calibrate as cb
+    from zogy_stream.stars import moffat_image
+
+    calls = []
+
+    def refit(regions, label, *, sat, psf_size, local, beta=None):
+        calls.append((label, beta))
+        return cb.PsfSource(label, "auto", psf, psf, moffat=(3.0, beta, 1, 7.0))
+
+    monkeypatch.setattr(cb, "_model_psf_source", refit)
+    psf = moffat_image(3.0, 2.5, 25)
+
+    def src(label, moffat):
+        return cb.PsfSource(label, "auto", psf, psf, moffat=moffat)
+
+    regions = (object(), object())
+    kw = dict(saturation=(float("inf"), 6e4), psf_size=None)
+    n, r = cb.share_moffat_beta(src("NEW", (4.1, 42.0, 3, 20.0)), src("REF", (2.9, 3.35, 1, 7.0)),
+                                *regions, **kw)
+    assert calls == [("REF", 42.0)] and r.moffat[1] == 42.0 and n.moffat[1] == 42.0
+    calls.clear()  # both well constrained; or the weak one's partner is no better
+    cb.share_moffat_beta(src("NEW", (4.1, 42.0, 3, 20.0)), src("REF", (2.9, 3.3, 4, 20.0)),
+                         *regions, **kw)
+    cb.share_moffat_beta(src("NEW", (4.1, 9.0, 1, 7.0)), src("REF", (2.9, 3.3, 2, 10.0)),
+                         *regions, **kw)
+    assert calls == [("NEW", 3.3)]  # REF (S/N >= 10) outranks NEW (S/N >= 7), not back
+    calls.clear()  # an empirical PSF donates the beta fitted to its image
+    empirical = cb.PsfSource("NEW", "auto", psf, psf)
+    cb.share_moffat_beta(empirical, src("REF", (2.9, 8.0, 2, 20.0)), *regions, **kw)
+    assert calls[0][0] == "REF" and calls[0][1] == pytest.approx(2.5, rel=0.05)
+    calls.clear()  # a given PSF with no stars sampled for the weak image: nothing to refit
+    cb.share_moffat_beta(empirical, src("REF", (2.9, 8.0, 2, 20.0)), regions[0], None, **kw)
+    assert calls == []

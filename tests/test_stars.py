@@ -289,6 +289,22 @@ def test_fit_psf_model_from_few_stars(n_stars):
         fit_psf_model(rng.normal(200.0, 8.0, shape), stars=cat[:0])
 
 
+def test_fit_psf_model_with_beta_given():
+    """A faint star's beta is noise; given the beta, the FWHM alone is fitted."""
+    shape = (200, 200)
+    rng = np.random.default_rng(12)
+    img = rng.normal(200.0, 8.0, shape) + render(shape, [100.4], [90.6], [3e3], 3.0, "gauss")
+    cat = find_stars(img)
+    _, free = fit_psf_model(img, stars=cat, snr_min=7.0)
+    psf, fixed = fit_psf_model(img, stars=cat, snr_min=7.0, beta=40.0)
+    assert fixed["beta"] == 40.0 and fixed["n_stars"] == free["n_stars"] == 1
+    assert fixed["fwhm"] == pytest.approx(3.0, rel=0.08)
+    truth = true_psf(psf.shape[0], 3.0, "gauss")
+    assert np.abs(psf - truth).sum() < 0.05
+    with pytest.raises(InputError, match="beta must be in"):
+        fit_psf_model(img, stars=cat, snr_min=7.0, beta=0.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # catalogue details
 # ---------------------------------------------------------------------------------------------

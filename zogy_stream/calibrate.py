@@ -109,6 +109,9 @@ class PsfSource:
     #: fitted to every PSF star of the sampled regions; ``None`` when the variation is
     #: not significant or there are too few stars
     field_model: object = field(default=None, repr=False)
+    #: ``(fwhm, beta, n_stars, snr_min)`` of a Moffat fitted to too few stars for an
+    #: empirical PSF (:func:`_model_psf_source`); ``None`` otherwise
+    moffat: tuple | None = None
 
     @property
     def varies(self) -> bool:
@@ -446,13 +449,15 @@ def _psf_field(infos, size: int, shape):
                          fwhm=float(np.median(fw)), half_size=0.5 * max(shape))
 
 
-def _model_psf_source(regions, label: str, *, sat, psf_size, local) -> PsfSource:
+def _model_psf_source(regions, label: str, *, sat, psf_size, local,
+                      beta: float | None = None) -> PsfSource:
     """Too few stars for an empirical PSF anywhere: a Moffat fitted to the few there are.
 
     Each region's stars give a Moffat FWHM and beta
     (:func:`zogy_stream.stars.fit_psf_model`); their star-weighted means
     define the mosaic-wide PSF.  Tiles then use it too (there are not enough
-    stars for local PSFs either).
+    stars for local PSFs either).  With ``beta`` only the FWHM is fitted
+    (:func:`share_moffat_beta`).
 
     Raises
     ------
@@ -461,6 +466,7 @@ def _model_psf_source(regions, label: str, *, sat, psf_size, local) -> PsfSource
     """
     from .stars import fit_psf_model, moffat_image
 
+    beta_fixed = beta
     fits_, reasons = [], []
     for snr_min in MODEL_STAR_SNR:  # the brightest stars there are
         for r in regions:
@@ -469,7 +475,7 @@ def _model_psf_source(regions, label: str, *, sat, psf_size, local) -> PsfSource
             try:
                 _, info = fit_psf_model(r.data, stars=r.cat, saturation=sat, size=psf_size,
                                         background=r.back, rms=r.rms, snr_min=snr_min,
-                                        mask=r.mask)
+                                        mask=r.mask, beta=beta)
             except (ProcessingError, InputError) as exc:
                 reasons.append(str(exc))
                 continue
@@ -496,9 +502,81 @@ def _model_psf_source(regions, label: str, *, sat, psf_size, local) -> PsfSource
     psf = moffat_image(fwhm, beta, size)
     n_used = int(w.sum())
     log.warning("%s: too few stars for an empirical PSF; using a Moffat profile (FWHM %.2f px, "
-                "beta %.2f) fitted to %d star(s) of S/N >= %g", label, fwhm, beta, n_used,
-                snr_min)
-    return PsfSource(label, "auto", psf, psf, size=size, local=False, n_stars=n_used)
+                "beta %.2f%s) fitted to %d star(s) of S/N >= %g", label, fwhm, beta,
+                "" if beta_fixed is None else " given", n_used, snr_min)
+    return PsfSource(label, "auto", psf, psf, size=size, local=False, n_stars=n_used,
+                     moffat=(fwhm, beta, n_used, snr_min))
+
+
+#: A Moffat fallback fitted to fewer stars than this, or below the first S/N tier of
+#: MODEL_STAR_SNR, has a poorly constrained beta (see :func:`share_moffat_beta`)
+SHAPE_MIN_STARS = 3
+
+
+def _moffat_beta_of(psf: np.ndarray) -> float:
+    """Moffat ``beta`` of a (noise-free) PSF image, by least squares."""
+    from scipy import optimize
+
+    from .stars import moffat_image
+
+    p = np.asarray(psf, np.float64) / np.sum(psf)
+    n = p.shape[0]
+
+    def resid(par):
+        return (moffat_image(par[0], float(np.exp(par[1])), n) - p).ravel()
+
+    res = optimize.least_squares(resid, [max(psf_fwhm(p), 1.0), np.log(4.0)],
+                                 bounds=([0.5, np.log(1.2)], [60.0, np.log(50.0)]))
+    return float(np.exp(res.x[1]))
+
+
+def _shape_strength(src: PsfSource) -> tuple:
+    """How well a PSF's shape is known: an empirical or given PSF beats any Moffat
+    fallback, which ranks by its S/N tier, then its star count."""
+    if src.moffat is None:
+        return (1, 0.0, 0)
+    return (0, src.moffat[3], src.moffat[2])
+
+
+def share_moffat_beta(src_n: PsfSource, src_r: PsfSource, regions_n, regions_r, *,
+                      saturation, psf_size) -> tuple[PsfSource, PsfSource]:
+    """Refit a weakly constrained Moffat fallback with the other image's ``beta``.
+
+    A Moffat fitted to one or two faint stars gets its FWHM right but its
+    ``beta`` (the wings) from noise, and the wings set the flux scale of
+    everything fitted with it: on a star-poor simulated pair (80 stars per
+    Mpix, Gaussian PSFs, seed 3) the reference's Moffat from 1 star at S/N >= 7
+    had beta 3.35, and the transients' FLUX/true was 1.096 with F_n/F_r 2.4 %
+    low; with the new image's beta (42, from 3 stars at S/N >= 20) 1.076 and
+    0.1 %.  The two images of a pair come from one sky and usually one
+    instrument, so the better-known shape is the better prior.  A fallback is
+    weak when fitted to fewer than :data:`SHAPE_MIN_STARS` stars or below the
+    first S/N tier; the donor must rank higher (:func:`_shape_strength`): an
+    empirical or given PSF (its beta fitted to its image) or a Moffat fitted
+    at a higher tier or to more stars.  Returns the two sources, one refitted
+    at most.
+    """
+    pair = [src_n, src_r]
+    regions = (regions_n, regions_r)
+    sat = tuple(v if math.isfinite(v) else None for v in saturation)
+    for k in (0, 1):
+        weak, donor = pair[k], pair[1 - k]
+        m = weak.moffat
+        if (m is None or regions[k] is None
+                or (m[2] >= SHAPE_MIN_STARS and m[3] >= MODEL_STAR_SNR[0])
+                or _shape_strength(donor) <= _shape_strength(weak)):
+            continue
+        beta = donor.moffat[1] if donor.moffat is not None else _moffat_beta_of(donor.psf)
+        log.info("%s: the Moffat beta %.2f from %d star(s) of S/N >= %g is poorly constrained; "
+                 "refitting the FWHM with %s's beta %.2f", weak.label, m[1], m[2], m[3],
+                 donor.label, beta)
+        try:
+            pair[k] = _model_psf_source(regions[k], weak.label, sat=sat[k], psf_size=psf_size,
+                                        local=False, beta=beta)
+        except ProcessingError as exc:
+            log.info("%s: refit failed (%s); keeping beta %.2f", weak.label, exc, m[1])
+        break
+    return pair[0], pair[1]
 
 
 def _stack(regions):

@@ -353,6 +353,9 @@ def _calibrate(inputs: Inputs, opts: Options, readers, shape, sat, gain, *,
     if src_r is None:
         src_r = cb.estimate_global_psf(regions_r, "REF", saturation=sat[1],
                                        psf_size=opts.psf_size, local=opts.local_psf, shape=shape)
+    if src_n.moffat is not None or src_r.moffat is not None:  # star-poor: share the shape
+        src_n, src_r = cb.share_moffat_beta(src_n, src_r, regions_n, regions_r,
+                                            saturation=sat, psf_size=opts.psf_size)
     if fr_auto:
         fr, fr_err, _, fr_src = cb.fit_global_flux_ratio(regions_n, regions_r,
                                                          psfs=(src_n, src_r), gains=gain)

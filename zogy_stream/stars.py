@@ -1028,7 +1028,8 @@ def moffat_image(fwhm: float, beta: float, size: int, *, dx: float = 0.0, dy: fl
 
 
 def fit_psf_model(image, *, stars, size=None, saturation=None, mask=None, snr_min=20.0,
-                  max_stars=50, background=None, rms=None) -> tuple[np.ndarray, dict]:
+                  max_stars=50, background=None, rms=None,
+                  beta: float | None = None) -> tuple[np.ndarray, dict]:
     """A circular Moffat PSF fitted to the few good stars of an image.
 
     The fallback when there are too few stars to stack an empirical PSF
@@ -1052,6 +1053,9 @@ def fit_psf_model(image, *, stars, size=None, saturation=None, mask=None, snr_mi
         Minimum aperture S/N of a star used.
     max_stars : int, optional
         At most this many (the brightest) stars are used.
+    beta : float, optional
+        Fix the Moffat ``beta`` (e.g. from the other image of the pair) and fit
+        the FWHM alone.
 
     Returns
     -------
@@ -1097,8 +1101,8 @@ def fit_psf_model(image, *, stars, size=None, saturation=None, mask=None, snr_mi
     offs = [(x[i] - cx[i], y[i] - cy[i]) for i in idx]
 
     def resid(par):
-        fwhm, lbeta = par[0], par[1]
-        beta = float(np.exp(lbeta))
+        fwhm = par[0]
+        beta = float(np.exp(par[1])) if fixed is None else fixed
         out = []
         for st, sc, (dx, dy) in zip(stamps, scale, offs):
             m = moffat_image(fwhm, beta, n, dx=dx, dy=dy, oversample=3)
@@ -1107,18 +1111,24 @@ def fit_psf_model(image, *, stars, size=None, saturation=None, mask=None, snr_mi
             out.append((st.ravel() - design @ coef) / sc)
         return np.concatenate(out)
 
+    fixed = None if beta is None else float(beta)
+    if fixed is not None and not 1.0 < fixed < 1e3:
+        raise InputError(f"beta must be in (1, 1000), got {beta}")
     best = None
-    for b0 in (2.5, 4.0, 8.0):
+    for b0 in ((2.5, 4.0, 8.0) if fixed is None else (fixed,)):
+        x0, lo, hi = ([f0, np.log(b0)], [0.5, np.log(1.2)], [60.0, np.log(50.0)])
+        if fixed is not None:
+            x0, lo, hi = x0[:1], lo[:1], hi[:1]
         try:
-            res = optimize.least_squares(resid, [f0, np.log(b0)],
-                                         bounds=([0.5, np.log(1.2)], [60.0, np.log(50.0)]))
+            res = optimize.least_squares(resid, x0, bounds=(lo, hi))
         except (ValueError, np.linalg.LinAlgError):
             continue
         if best is None or res.cost < best.cost:
             best = res
     if best is None or not best.success:
         raise ProcessingError("the PSF model fit to the stars did not converge; pass a PSF")
-    fwhm, beta = float(best.x[0]), float(np.exp(best.x[1]))
+    fwhm = float(best.x[0])
+    beta = float(np.exp(best.x[1])) if fixed is None else fixed
     if size is None:
         size = int(np.clip(_odd(6.0 * fwhm), 15, 63))
     psf = moffat_image(fwhm, beta, size)
