@@ -895,6 +895,9 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0,
     (Making the candidates of a tile in a thread of their own, beside the next
     tile's FFTs, was measured: no faster on 2 cores, one more tile in memory.)
     """
+    if parallel > 1:
+        yield from _iter_parallel(engine, tiles, stop, parallel)
+        return
     ahead = engine.plan.opts.prefetch
     core = engine.plan.grid.core_shape
     b = engine.plan.peak_radius
@@ -905,9 +908,6 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0,
     def buffer():
         return bufs[next(count) % ring] if ring else None
 
-    if parallel > 1:
-        yield from _iter_parallel(engine, tiles, stop, parallel)
-        return
     with _numba_threads(engine.plan.opts.threads):
         if ahead == 0:
             for t in tiles:
