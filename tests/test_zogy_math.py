@@ -279,6 +279,24 @@ def test_run_into_caller_buffers():
             sub.run(ks, region, var_const=1.0, out=bad)
 
 
+def _race(target, n, started, gate):
+    """Run ``target`` in ``n`` threads; release ``gate`` once a build has ``started``
+    and the other threads have had time to ask (and block) too."""
+    import threading
+    import time
+
+    threads = [threading.Thread(target=target) for _ in range(n)]
+    for t in threads:
+        t.start()
+    t0 = time.monotonic()
+    while not started and time.monotonic() - t0 < 5:
+        time.sleep(0.001)
+    time.sleep(0.2)  # the others reach the cache: they find the build under way
+    gate.set()
+    for t in threads:
+        t.join(10)
+
+
 def test_kernel_cache_is_shared_safely_between_threads(monkeypatch):
     """Tiles processed at once share one cache: a set being built by one thread is
     waited for by the others (built once, the same object), and a failed build is
@@ -289,31 +307,20 @@ def test_kernel_cache_is_shared_safely_between_threads(monkeypatch):
     from zogy_stream.simulate import gaussian_psf
 
     zogy = importlib.import_module("zogy_stream.zogy")  # the package's ``zogy`` is a function
-
     psf = gaussian_psf(3.0, size=15)
     cache = zogy.KernelCache((64, 64), dtype=np.float32)
     real, gate, calls = zogy.make_kernels, threading.Event(), []
 
     def slow(*a, **k):
         calls.append(1)
-        gate.wait(5)  # hold the build until every thread has asked
+        gate.wait(5)  # hold the build until the other threads have asked
         return real(*a, **k)
 
     monkeypatch.setattr(zogy, "make_kernels", slow)
-    got = [None] * 4
-
-    def ask(i):
-        got[i] = cache.get(0, psf, psf, sigma_n=1.0, sigma_r=1.2, flux_ratio=1.0)
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    while not calls:
-        pass
-    gate.set()
-    for t in threads:
-        t.join(10)
-    assert len(calls) == 1 and cache.builds == 1
+    got = []
+    _race(lambda: got.append(cache.get(0, psf, psf, sigma_n=1.0, sigma_r=1.2, flux_ratio=1.0)),
+          4, calls, gate)
+    assert len(calls) == 1 and cache.builds == 1 and len(got) == 4
     assert all(g is got[0] for g in got) and got[0] is not None
 
     def broken(*a, **k):
@@ -332,12 +339,5 @@ def test_kernel_cache_is_shared_safely_between_threads(monkeypatch):
         except RuntimeError as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=ask2) for _ in range(2)]
-    for t in threads:
-        t.start()
-    while not calls:
-        pass
-    gate2.set()
-    for t in threads:
-        t.join(10)
+    _race(ask2, 2, calls, gate2)
     assert len(errors) == 2 and len(calls) == 2 and cache.builds == 1

@@ -186,7 +186,7 @@ def subtraction_parent() -> argparse.ArgumentParser:
     g.add_argument("--parallel-tiles", metavar="N", type=_nonneg_int,
                    help="tiles processed at once, sharing --threads (default 0: 2 when "
                         "there are >= 2 threads and the output is written in row bands, "
-                        "else 1; ~100 MB more a tile)")
+                        "else 1; ~150 MiB more a tile)")
     return p
 
 

@@ -99,7 +99,7 @@ class Options:
         otherwise tiles are written through the memory map.  0 never gathers.
     parallel_tiles : int
         Tiles processed at once by :func:`~zogy_stream.pipeline.subtract`, each
-        with ``threads // parallel_tiles`` threads (~100 MB each at the default
+        with ``threads // parallel_tiles`` threads (~150 MiB each at the default
         tile).  0 (default): 2 when ``threads`` >= 2 and the output is written in
         row bands (see ``write_buffer``), else 1: the largest mosaics, written
         through the memory map, keep the smaller footprint.

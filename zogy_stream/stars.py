@@ -704,10 +704,11 @@ def _fit_wing_model(psf, err, fwhm):
     ``M`` is the pixel-integrated circular Moffat of :func:`moffat_image`
     (``beta`` in [1.5, 100]; large ``beta`` is a Gaussian) and ``B`` a
     constant pedestal, fitted to every pixel of the stamp's inscribed circle
-    with weights ``1 / err**2``. The pedestal is the mean residual background
-    under the stars relative to their flux: the sky estimate is a mode, which
-    lies below the mean level of a field with faint undetected stars, and
-    left in the stack it adds ~0.3-0.6 % of spurious wing flux.
+    with weights ``1 / err**2`` (:func:`fit_moffat_profile`). The pedestal is
+    the mean residual background under the stars relative to their flux: the
+    sky estimate is a mode, which lies below the mean level of a field with
+    faint undetected stars, and left in the stack it adds ~0.3-0.6 % of
+    spurious wing flux.
 
     Returns
     -------
@@ -717,6 +718,21 @@ def _fit_wing_model(psf, err, fwhm):
     pedestal : float
         ``B`` (0 when the fit fails).
     """
+    fit = fit_moffat_profile(psf, err, fwhm)
+    if fit is None:
+        return None, 0.0
+    n = psf.shape[0]
+    c = n // 2
+    yy, xx = np.indices(psf.shape)
+    m = moffat_image(fit["fwhm"], fit["beta"], n)
+    return fit["amp"] * m * (np.hypot(xx - c, yy - c) <= c), fit["pedestal"]
+
+
+def fit_moffat_profile(psf, err, fwhm) -> dict | None:
+    """``A M(r; fwhm, beta) + B`` fitted to a centred PSF image (see
+    :func:`_fit_wing_model`); ``err`` the per-pixel errors (weights 1/err^2),
+    ``fwhm`` the starting width.  Returns ``fwhm``, ``beta``, ``amp`` and
+    ``pedestal``, or None when the fit fails or the amplitude is not positive."""
     n = psf.shape[0]
     c = n // 2
     yy, xx = np.indices(psf.shape)
@@ -743,12 +759,12 @@ def _fit_wing_model(psf, err, fwhm):
         if np.all(np.isfinite(res.x)) and (best is None or res.cost < best.cost):
             best = res
     if best is None:
-        return None, 0.0
-    m = moffat_image(best.x[0], float(np.exp(best.x[1])), n)
-    (amp, pedestal), _ = linear(m)
+        return None
+    fw, beta = float(best.x[0]), float(np.exp(best.x[1]))
+    (amp, pedestal), _ = linear(moffat_image(fw, beta, n))
     if not (np.isfinite(amp) and amp > 0 and np.isfinite(pedestal)):
-        return None, 0.0
-    return amp * m * inside, float(pedestal)
+        return None
+    return dict(fwhm=fw, beta=beta, amp=float(amp), pedestal=float(pedestal))
 
 
 def wing_taper(n: int, r_cut: float) -> np.ndarray:
