@@ -65,3 +65,49 @@ def mesh_box(i, cell, shape):
     from zogy_stream.tiles import Box
 
     return Box(i * cell, min((i + 1) * cell, shape[0]), 0, shape[1])
+
+
+def test_block_stats_match_per_block_clipped_stats():
+    """One pass over all 4 x 4 blocks (histograms binned around the whole array's
+    median) gives each block's clipped std as _clipped_stats on that block alone
+    (within 0.3 %), the whole one as well; masked and NaN pixels are left out and
+    a block with too few pixels reports none."""
+    from zogy_stream.background import CLIP, _clipped_stats_blocks
+
+    rng = np.random.default_rng(11)
+    img = rng.normal(0.3, 1.0, (342, 350)).astype(np.float32)
+    img[:, 175:] *= 1.5  # blocks differ: the right half is noisier
+    img[rng.random(img.shape) < 0.002] = 80.0  # sources, clipped away
+    good = rng.random(img.shape) > 0.2
+    img[5, 5] = np.nan
+    good[:85, :87] = False  # block (0, 0) fully masked
+    good[:85, 87:175] = rng.random((85, 88)) > 0.999  # block (0, 1): < 16 pixels
+    masked = np.where(good, img, np.float32(np.nan))
+    out = np.empty((17, 3))
+    _clipped_stats_blocks(img, good, 4, 4, CLIP, 8, out)
+    ny, nx = img.shape
+    boxes = [(0, ny, 0, nx)] + [(i * ny // 4, (i + 1) * ny // 4, j * nx // 4, (j + 1) * nx // 4)
+                                for i in range(4) for j in range(4)]
+    for k, (y0, y1, x0, x1) in enumerate(boxes):
+        mean, std, n = _clipped_stats(masked, y0, y1, x0, x1, 1, np.inf, CLIP, 8)
+        if k in (1, 2):
+            assert out[k, 2] == 0 and out[k, 1] == 0, k
+            continue
+        assert std > 0 and out[k, 2] > 1000
+        assert abs(out[k, 1] / std - 1) < 3e-3, (k, out[k], std)
+        assert abs(out[k, 0] - mean) < 3e-3 * std
+        assert abs(out[k, 2] / n - 1) < 2e-3
+    assert out[7, 1] > 1.3 * out[5, 1]  # block (1, 2), in the noisier half, against (1, 0)
+
+
+def test_above_matches_nonzero():
+    from zogy_stream import _numba as nk
+
+    rng = np.random.default_rng(2)
+    img = rng.normal(size=(130, 170)).astype(np.float32)
+    img[rng.random(img.shape) < 0.01] = np.nan
+    for level in (-10.0, 0.5, 2.5, 100.0):
+        ys, xs = nk._above(img, level, 3, 120, 7, 160)
+        wy, wx = np.nonzero(img[3:120, 7:160] > level)
+        np.testing.assert_array_equal(ys, wy + 3)
+        np.testing.assert_array_equal(xs, wx + 7)

@@ -233,40 +233,61 @@ def test_file_truncated_after_opening(tmp_path):
 
 
 def test_compiled_row_reads_match_python_reads(tmp_path, monkeypatch, caplog):
-    """Windows read by the compiled pread loop equal those read row by row from Python,
-    for scaled integers with BLANK and big-endian doubles, every row and every 3rd;
-    where the loop cannot be built the reader says so and reads from Python."""
+    """Windows read by the compiled pread loop equal those read row by
+    row from Python and astropy's scaled data, for every BITPIX (scaled integers with
+    BLANK, scaled floats, NaN and -0.0), every row and every 3rd, full-width boxes
+    too; where the loop cannot be built the reader says so and reads from Python."""
     import logging
 
     from zogy_stream import _numba as nk
 
     rng = np.random.default_rng(4)
-    ints = rng.integers(-3000, 3000, size=(97, 131)).astype(">i2")
+    shape = (97, 131)
+    images = {}
+    ints = rng.integers(-3000, 3000, size=shape).astype(">i2")
     ints[5, 7] = -32768
-    hdu = fits.PrimaryHDU(ints)
-    hdu.header.update(BSCALE=0.5, BZERO=100.0, BLANK=-32768)
-    hdu.writeto(tmp_path / "i.fits")
-    fits.PrimaryHDU(rng.normal(size=(97, 131)).astype(">f8")).writeto(tmp_path / "d.fits")
-    boxes = [(Box(0, 97, 3, 60), 1), (Box(2, 90, 40, 131), 3), (Box(5, 6, 7, 8), 1)]
-    for name in ("i.fits", "d.fits"):
+    images["i2.fits"] = (ints, dict(BSCALE=0.5, BZERO=100.0, BLANK=-32768))
+    bytes_ = rng.integers(0, 256, size=shape).astype(">u1")
+    bytes_[5, 7] = 255
+    images["u1.fits"] = (bytes_, dict(BSCALE=0.25, BZERO=3.0, BLANK=255))
+    images["i4.fits"] = (rng.integers(-2 ** 31, 2 ** 31 - 1, size=shape).astype(">i4"), {})
+    images["i8.fits"] = (rng.integers(-2 ** 40, 2 ** 40, size=shape).astype(">i8"),
+                         dict(BSCALE=2.0))
+    floats = rng.normal(size=shape).astype(">f4")
+    floats[5, 7], floats[6, 8] = np.nan, -0.0
+    images["f4.fits"] = (floats, {})
+    images["f4s.fits"] = (floats, dict(BSCALE=3.0, BZERO=-1.5))
+    images["f8.fits"] = (rng.normal(size=shape).astype(">f8"), {})
+    boxes = [(Box(0, 97, 3, 60), 1), (Box(2, 90, 40, 131), 3), (Box(5, 6, 7, 8), 1),
+             (Box(4, 50, 0, 131), 1), (Box(0, 97, 0, 131), 2)]
+    for name, (data, keys) in images.items():
+        hdu = fits.PrimaryHDU(data)
+        hdu.header.update(keys)
+        hdu.writeto(tmp_path / name)
+        want = fits.getdata(tmp_path / name).astype(np.float32)  # astropy's scaling, BLANK
         with ImageReader(str(tmp_path / name)) as fast, ImageReader(str(tmp_path / name)) as slow:
             slow._compiled_reads = False
             for box, step in boxes:
                 a, b = fast.read(box, step=step), slow.read(box, step=step)
                 assert fast._compiled_reads and a.dtype == np.float32
                 np.testing.assert_array_equal(a, b)
-    with ImageReader(str(tmp_path / "i.fits")) as rd:
-        assert np.isnan(rd.read(Box(0, 10, 0, 10))[5, 7])
+                assert np.array_equal(np.signbit(a), np.signbit(b)), name
+                ref = want[box.y0:box.y1:step, box.x0:box.x1:step]
+                np.testing.assert_allclose(a, ref, rtol=1e-6, err_msg=name)
+        if "BLANK" in keys:
+            with ImageReader(str(tmp_path / name)) as rd:
+                got = rd.read(Box(0, 10, 0, 10))
+                assert np.isnan(got[5, 7]) and np.isfinite(np.delete(got.ravel(), 57)).all()
 
     def unavailable(*args):
         raise RuntimeError("Symbol not found: pread")
 
     monkeypatch.setattr(nk, "_pread_rows", unavailable)
-    with ImageReader(str(tmp_path / "d.fits"), label="REF") as rd, \
+    with ImageReader(str(tmp_path / "f8.fits"), label="REF") as rd, \
             caplog.at_level(logging.DEBUG, logger="zogy_stream.fitsio"):
         got = rd.read(Box(2, 90, 40, 131), step=3)
     assert "REF: compiled row reads unavailable" in caplog.text and not rd._compiled_reads
-    want = fits.getdata(tmp_path / "d.fits")[2:90:3, 40:131:3].astype(np.float32)
+    want = fits.getdata(tmp_path / "f8.fits")[2:90:3, 40:131:3].astype(np.float32)
     np.testing.assert_array_equal(got, want)
 
 

@@ -231,6 +231,28 @@ def test_wisdom_written_then_reused(tmp_path):
         pass
 
 
+
+def test_pyfftw_imported_without_its_unused_backends():
+    """A fresh process importing zogy_stream does not pay for pyfftw's scipy.fftpack
+    and dask.array wrappers, leaves them importable, and leaves an already
+    imported scipy.fftpack to pyfftw as usual."""
+    import subprocess
+    import sys
+
+    code = ("import sys, zogy_stream; "
+            "print('scipy.fftpack' in sys.modules, 'dask.array' in sys.modules, "
+            "sys.modules.get('dask.array.fft', 0) is None); "
+            "import pyfftw.interfaces.scipy_fftpack as m, numpy as np; "
+            "print(np.allclose(m.fft(np.arange(8.0)), np.fft.fft(np.arange(8.0))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "False", "False", "True"]
+    code = ("import scipy.fftpack, zogy_stream, pyfftw; "
+            "print(hasattr(pyfftw.interfaces, 'scipy_fftpack'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True"]
+
 def _write(path, data, **header):
     hdu = fits.PrimaryHDU(data)
     for k, v in header.items():

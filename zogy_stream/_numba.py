@@ -467,6 +467,11 @@ def _peaks(sc, mask, b, threshold, radius, exclude):
     ys = []
     xs = []
     for y in range(b, ny - b):
+        hits = 0  # a branch-free (vectorised) look first: most rows have no candidate
+        for x in range(b, nx - b):
+            hits += abs(sc[y, x]) >= threshold
+        if hits == 0:
+            continue
         for x in range(b, nx - b):
             v = sc[y, x]
             if not (v >= threshold or v <= -threshold):
@@ -490,6 +495,33 @@ def _peaks(sc, mask, b, threshold, radius, exclude):
                 ys.append(y)
                 xs.append(x)
     return np.array(ys, dtype=np.int64), np.array(xs, dtype=np.int64)
+
+
+@njit(**_OPTS)
+def _above(img, level, y0, y1, x0, x1):
+    """(rows, cols) of the pixels of ``img[y0:y1, x0:x1]`` above ``level``, in
+    raster order: ``np.nonzero(img[y0:y1, x0:x1] > level)`` plus the offsets,
+    without the boolean image.  A branch-free (vectorised) count per row
+    first, then only the rows with hits are looked at again."""
+    per_row = np.zeros(y1 - y0, np.int64)
+    for y in range(y0, y1):
+        c = 0
+        for x in range(x0, x1):
+            c += img[y, x] > level
+        per_row[y - y0] = c
+    n = per_row.sum()
+    ys = np.empty(n, np.int64)
+    xs = np.empty(n, np.int64)
+    n = 0
+    for y in range(y0, y1):
+        if per_row[y - y0] == 0:
+            continue
+        for x in range(x0, x1):
+            if img[y, x] > level:
+                ys[n] = y
+                xs[n] = x
+                n += 1
+    return ys, xs
 
 
 # ------------------------------------------------------ cosmic-ray seeds

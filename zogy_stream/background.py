@@ -62,22 +62,10 @@ def _clipped_stats(img, y0, y1, x0, x1, step, saturation, clip, iters):
     inside the limits, a pro-rata share of the two bins the limits cut.
     Returns (mean, std, n_used); n_used = 0 when nothing is usable.
     """
-    ny = (y1 - y0 + step - 1) // step
-    nx = (x1 - x0 + step - 1) // step
-    sub = max(1, int(math.sqrt(ny * nx / 4096.0)))
-    buf = np.empty(((ny + sub - 1) // sub) * ((nx + sub - 1) // sub), np.float64)
-    n = 0
-    for y in range(y0, y1, step * sub):
-        for x in range(x0, x1, step * sub):
-            v = img[y, x]
-            if np.isfinite(v) and v < saturation:
-                buf[n] = v
-                n += 1
-    if n < 16:
+    every = np.ones((1, 1), np.bool_)  # a 1x1 mask: no mask
+    centre, mad, n = _start_stats(img, every, y0, y1, x0, x1, step, saturation)
+    if n == 0:
         return 0.0, 0.0, 0
-    vals = buf[:n]
-    centre = np.median(vals)
-    mad = np.median(np.abs(vals - centre)) * 1.482602218505602
     if not mad > 0:  # (nearly) constant data: the plain mean of what is there
         s = 0.0
         m = 0
@@ -109,6 +97,44 @@ def _clipped_stats(img, y0, y1, x0, x1, step, saturation, clip, iters):
             q = (q + 1) & 3
     cnt = cnt4[0] + cnt4[1] + cnt4[2] + cnt4[3]
     sm = sm4[0] + sm4[1] + sm4[2] + sm4[3]
+    mean, std, used = _clip_histogram(cnt, sm, centre, mad, lo0, inv_w, clip, iters)
+    if used == 0:
+        return centre, mad, n
+    return mean, std, used
+
+
+@njit(cache=True, nogil=True)
+def _start_stats(img, good, y0, y1, x0, x1, step, saturation):
+    """Median, 1.4826 x MAD and size of a ~4096-pixel regular subsample of
+    img[y0:y1:step, x0:x1:step] (finite, < saturation, and ``good`` unless it
+    is 1 x 1); size 0 (and zeros) below 16 usable pixels."""
+    ny = (y1 - y0 + step - 1) // step
+    nx = (x1 - x0 + step - 1) // step
+    sub = max(1, int(math.sqrt(ny * nx / 4096.0)))
+    buf = np.empty(((ny + sub - 1) // sub) * ((nx + sub - 1) // sub), np.float64)
+    n = 0
+    check = good.size > 1
+    for y in range(y0, y1, step * sub):
+        for x in range(x0, x1, step * sub):
+            v = img[y, x]
+            if np.isfinite(v) and v < saturation and (not check or good[y, x]):
+                buf[n] = v
+                n += 1
+    if n < 16:
+        return 0.0, 0.0, 0
+    vals = buf[:n]
+    centre = np.median(vals)
+    return centre, np.median(np.abs(vals - centre)) * 1.482602218505602, n
+
+
+@njit(cache=True, nogil=True)
+def _clip_histogram(cnt, sm, centre, mad, lo0, inv_w, clip, iters):
+    """Mean/std clipping iterations within +-clip*std on a fine histogram:
+    ``cnt[k]`` pixels with ``sm[k]`` the sum of their (value - centre) in bin k
+    of width ``1 / inv_w`` from ``lo0``; starts at centre +- clip * mad.  Exact
+    sums for bins inside the limits, a pro-rata share of the two bins the
+    limits cut.  Returns (mean, std, n_used); n_used = 0 when < 16 pixels."""
+    nb = cnt.size
     lo = centre - clip * mad
     hi = centre + clip * mad
     mean = centre
@@ -148,9 +174,56 @@ def _clipped_stats(img, y0, y1, x0, x1, step, saturation, clip, iters):
         if abs(nlo - lo) <= 1e-3 * std and abs(nhi - hi) <= 1e-3 * std:
             break
         lo, hi = nlo, nhi
-    if used == 0:
-        return centre, mad, n
     return mean, std, used
+
+
+@njit(cache=True, nogil=True)
+def _clipped_stats_blocks(img, good, nby, nbx, clip, iters, out):
+    """Clipped (mean, std, n_used) of the finite ``good`` pixels of all of
+    ``img`` into ``out[0]``, and of each of its ``nby`` x ``nbx`` blocks (block
+    (i, j): rows ``i*ny//nby`` to ``(i+1)*ny//nby``, columns alike) into
+    ``out[1 + i*nbx + j]``, from one pass: every histogram is binned around
+    the median and MAD of the whole, then clipped on its own (as
+    :func:`_clipped_stats`).  n_used = 0 where a block has < 16 usable pixels."""
+    ny, nx = img.shape
+    out[:] = 0.0
+    centre, mad, n = _start_stats(img, good, 0, ny, 0, nx, 1, np.inf)
+    if n == 0:
+        return
+    if not mad > 0:  # (nearly) constant data: no dispersion to measure
+        out[0, 0] = centre
+        out[0, 2] = n
+        return
+    nb = _NBINS
+    w = 2.0 * _HRANGE * mad / nb
+    lo0 = centre - _HRANGE * mad
+    inv_w = 1.0 / w
+    cnt = np.zeros((1 + nby * nbx, nb), np.float64)
+    sm = np.zeros((1 + nby * nbx, nb), np.float64)
+    bx = np.empty(nx, np.int64)
+    for j in range(nbx):
+        for x in range(j * nx // nbx, (j + 1) * nx // nbx):
+            bx[x] = 1 + j
+    for i in range(nby):
+        for y in range(i * ny // nby, (i + 1) * ny // nby):
+            row = i * nbx
+            for x in range(nx):
+                v = img[y, x]
+                if good[y, x]:
+                    t = (v - lo0) * inv_w
+                    if 0.0 <= t < nb:  # NaN fails the comparisons
+                        k = int(t)
+                        d = v - centre
+                        cnt[0, k] += 1.0
+                        sm[0, k] += d
+                        cnt[row + bx[x], k] += 1.0
+                        sm[row + bx[x], k] += d
+    for b in range(1 + nby * nbx):
+        mean, std, used = _clip_histogram(cnt[b], sm[b], centre, mad, lo0, inv_w, clip, iters)
+        if used > 0:
+            out[b, 0] = mean
+            out[b, 1] = std
+            out[b, 2] = used
 
 
 class TileStats(tuple):

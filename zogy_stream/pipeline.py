@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pyfftw
 from astropy.io import fits
 
 from . import _numba as nk
 from .background import MeshBackground, tile_stats
 from .catalog import candidate_table, find_candidates, write_catalog
 from .errors import Cancelled, InputError
-from .fft import Wisdom, default_wisdom_path
+from .fft import Wisdom, default_wisdom_path, pyfftw
 from .fitsio import ImageReader, OutputFile, Plane, wcs_cards
 from .masks import EXCLUDE_CANDIDATE, MaskBit
 from .options import Options
@@ -830,22 +829,17 @@ def _noise_factor(scorr: np.ndarray, good: np.ndarray, *, nsig: float = 4.0) -> 
     its uncertainty (floored at 1 %), with a smooth gate between nsig - 1 and
     nsig + 1 sigma, so white-noise tiles are left exactly as they are.
     """
-    from .background import CLIP, _clipped_stats, truncation_factor
+    from .background import CLIP, _clipped_stats_blocks, truncation_factor
 
-    trunc = truncation_factor(CLIP)
-    masked = np.where(good, scorr, np.float32(np.nan))
-
-    def rstd(y0, y1, x0, x1):  # clipped std (truncation-corrected), NaN-aware, one pass a step
-        _, std, n = _clipped_stats(masked, y0, y1, x0, x1, 1, np.inf, CLIP, 8)
-        return std / trunc if n >= 50 else float("nan")
-
-    ny, nx = scorr.shape
     out = dict(factor=1.0, measured=float("nan"), err=float("nan"), applied=False)
     if np.count_nonzero(good) < 1000:
         return out
-    f = rstd(0, ny, 0, nx)
-    blocks = [rstd(i * ny // 4, (i + 1) * ny // 4, j * nx // 4, (j + 1) * nx // 4)
-              for i in range(4) for j in range(4)]
+    # clipped std (truncation-corrected) of all and of 4 x 4 blocks, in one pass
+    st = np.empty((17, 3))
+    _clipped_stats_blocks(scorr, good, 4, 4, CLIP, 8, st)
+    std = np.where(st[:, 2] >= 50, st[:, 1] / truncation_factor(CLIP), np.nan)
+    f = float(std[0])
+    blocks = list(std[1:])
     blocks = [v for v in blocks if np.isfinite(v)]
     if len(blocks) < 4 or not np.isfinite(f) or f <= 0:
         out["measured"] = f

@@ -483,9 +483,7 @@ def _static_peaks(planes, region, has_var, var_const, sx2, sy2, mask, exclude):
     x0, x1 = max(region.x0, 1), min(region.x1, lx - 1)
     sn, sr = planes[1], planes[2]
     lo = 0.5 * MODEL_ERROR_NSIGMA * math.sqrt(var_const)
-    yy, xx = np.nonzero(sr[y0:y1, x0:x1] > lo)
-    yy += y0
-    xx += x0
+    yy, xx = nk._above(sr, lo, y0, y1, x0, x1)
     m = np.minimum(sn[yy, xx], sr[yy, xx]).astype(np.float64)
     v = (planes[3][yy, xx].astype(np.float64) if has_var else np.full(m.shape, var_const))
     if sx2 > 0 or sy2 > 0:
