@@ -341,3 +341,29 @@ def test_kernel_cache_is_shared_safely_between_threads(monkeypatch):
 
     _race(ask2, 2, calls, gate2)
     assert len(errors) == 2 and len(calls) == 2 and cache.builds == 1
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (63, 65), (64, 63), (31, 48)])
+def test_origin_value_of_a_half_spectrum(shape):
+    """F_S is read off the half spectrum (no inverse FFT): the image's value at the
+    origin, for odd and even widths (the Nyquist column counted once)."""
+    from zogy_stream.zogy import _origin_value
+
+    a = np.random.default_rng(shape[1]).normal(size=shape) + 0.3
+    assert _origin_value(np.fft.rfft2(a), shape[1]) == pytest.approx(a[0, 0], rel=1e-12,
+                                                                     abs=1e-12)
+
+
+def test_tile_kernels_leave_psf_d_out_and_keep_f_s():
+    y, x = np.mgrid[-10:11, -10:11]
+    pn, pr = np.exp(-(x * x + y * y) / 4.5), np.exp(-(x * x + y * y) / 3.0)
+    spectra = PsfSpectra.from_psfs(pn, pr, (96, 90))
+    full = make_kernels(spectra, sigma_n=1.0, sigma_r=1.3, flux_ratio=0.8)
+    lean = make_kernels(spectra, sigma_n=1.0, sigma_r=1.3, flux_ratio=0.8, with_psf_d=False)
+    assert lean.psf_d is None and full.psf_d.sum() == pytest.approx(1.0, rel=1e-6)
+    assert lean.f_s == full.f_s
+    # F_S (eq. 42) is S's response to a unit point source in N
+    k_n = np.fft.irfft2(full.k_n.astype(np.complex128) * (96 * 90), s=(96, 90))
+    src = np.fft.irfft2(spectra.pn, s=(96, 90)) * 0.8  # F_n P_n, centred at the origin
+    response = np.real(np.fft.ifft2(np.fft.fft2(k_n) * np.fft.fft2(src)))[0, 0]
+    assert full.f_s == pytest.approx(response, rel=1e-4)

@@ -119,7 +119,7 @@ class KernelSet:
     f_s: float = 0.0                       # (42)
     energy_n: float = 0.0                  # sum k_n^2 (real space)
     energy_r: float = 0.0                  # sum k_r^2
-    psf_d: np.ndarray = field(default=None, repr=False)  # (14), centred
+    psf_d: np.ndarray = field(default=None, repr=False)  # (14), centred; None if not made
 
     def real_space(self, name: str, radius: int) -> np.ndarray:
         """Real-space kernel ``name`` cropped to ``(2 radius + 1)^2``, centred."""
@@ -149,10 +149,24 @@ def snap_sigma(sigma: float, step: float = SIGMA_STEP) -> float:
     return float(math.exp(k * math.log1p(step)))
 
 
+def _origin_value(half: np.ndarray, nx: int) -> float:
+    """Value at pixel (0, 0) of the real image whose half spectrum (``rfft2``
+    layout, last axis ``nx // 2 + 1``) is ``half``: the mean of the full
+    spectrum, each column between 0 and Nyquist standing for itself and its
+    Hermitian twin.  ``irfft2(half)[0, 0]`` without the inverse FFT."""
+    s = half.real.sum(axis=0)
+    last = nx // 2 if nx % 2 == 0 else None  # the Nyquist column has no twin
+    total = 2.0 * s.sum() - s[0] - (s[last] if last is not None else 0.0)
+    return float(total / (half.shape[0] * nx))
+
+
 def make_kernels(spectra: PsfSpectra, *, sigma_n: float, sigma_r: float,
-                 flux_ratio: float = 1.0, dtype=np.float32, psf_d_radius: int | None = None
-                 ) -> KernelSet:
+                 flux_ratio: float = 1.0, dtype=np.float32, psf_d_radius: int | None = None,
+                 with_psf_d: bool = True) -> KernelSet:
     """Build the ZOGY kernels in float64 and cast them to ``dtype``'s complex type.
+
+    ``with_psf_d=False`` leaves ``psf_d`` (the PSF of D, an inverse FFT of
+    the whole shape) out: the tile loop never uses it.
 
     Raises
     ------
@@ -186,17 +200,20 @@ def make_kernels(spectra: PsfSpectra, *, sigma_n: float, sigma_r: float,
     inv_sqrt = np.sqrt(inv_delta)
     f_d = fr * fn / math.sqrt(sigma_n ** 2 * fr ** 2 + sigma_r ** 2 * fn ** 2)   # (15)
     pd_hat = (fr * fn / f_d) * pr * pn * inv_sqrt               # (14)
-    radius = psf_d_radius or max(spectra.psf_n.shape + spectra.psf_r.shape) // 2
-    psf_d = _crop_centred(np.fft.irfft2(pd_hat, s=(ny, nx)), min(radius, min(ny, nx) // 2 - 1))
+    psf_d = None
+    if with_psf_d:
+        radius = psf_d_radius or max(spectra.psf_n.shape + spectra.psf_r.shape) // 2
+        psf_d = _crop_centred(np.fft.irfft2(pd_hat, s=(ny, nx)),
+                              min(radius, min(ny, nx) // 2 - 1))
     del pd_hat
     kd_n = cast(fr * pr * inv_sqrt)                             # (13)
     kd_r = cast(fn * pn * inv_sqrt)                             # (13)
     del inv_sqrt
     k_n = fn * fr ** 2 * np.conj(pn) * (ar2 * inv_delta)        # (29)
     del ar2
-    # F_S (42) as the response of S to a unit point source in N: exact on the
-    # half spectrum (no Hermitian bookkeeping).
-    f_s = float(np.fft.irfft2(k_n * (fn * pn), s=(ny, nx))[0, 0])
+    # F_S (42) as the response of S to a unit point source in N: S's value at the
+    # source, the origin of the inverse transform of k_n F_n P_n^
+    f_s = _origin_value(k_n * (fn * pn), nx)
     kn_real = np.fft.irfft2(k_n, s=(ny, nx))
     k_n = cast(k_n)
     k_r = fr * fn ** 2 * np.conj(pr) * (an2 * inv_delta)        # (28)
@@ -250,7 +267,7 @@ def kernel_radius(psf_n, psf_r, *, sigma_n: float, sigma_r: float, flux_ratio: f
         n = max(n, 4 * size)
         spectra = PsfSpectra.from_psfs(psf_n, psf_r, (n, n))
         ks = make_kernels(spectra, sigma_n=sigma_n, sigma_r=sigma_r, flux_ratio=flux_ratio,
-                          dtype=np.float64)
+                          dtype=np.float64, with_psf_d=False)
         r = max(_support_radius(ks.real_space(name, n // 2 - 1), tol)
                 for name in ("kd_n", "kd_r", "k_n", "k_r"))
         if r < n // 4 or n >= 2 * max_radius:
@@ -314,7 +331,7 @@ class KernelCache:
             # the build) rather than cached: that is 2 full-size complex128 arrays.
             spectra = PsfSpectra.from_psfs(psf_n, psf_r, self.shape)
             job[1] = make_kernels(spectra, sigma_n=sn, sigma_r=sr, flux_ratio=flux_ratio,
-                                  dtype=self.dtype)
+                                  dtype=self.dtype, with_psf_d=False)
             del spectra
         finally:
             with self._lock:
