@@ -87,3 +87,23 @@ def test_grow_mask_without_seeds_copies_the_mask():
     mask[10, 10] = MaskBit.COSMIC  # not a seed
     z = np.zeros(mask.shape, np.float32)
     np.testing.assert_array_equal(_grow(mask, 6, z, z, 5.0), mask)
+
+
+def test_dilate_disk_matches_scipy():
+    """The source mask's disk dilation equals scipy's binary_dilation with the disk
+    structure, for fractional and whole radii, sources at the borders and images
+    narrower than the disk."""
+    rng = np.random.default_rng(5)
+    for shape in ((97, 131), (40, 7), (5, 60)):
+        seg = (rng.random(shape) < 0.01).astype(np.int32) * rng.integers(1, 9, shape)
+        seg[0, 0] = seg[-1, -1] = seg[0, -1] = 3
+        for radius in (0.5, 1.0, 1.5, 2.9, 4.0, 6.3, 9.0):
+            r = int(np.ceil(radius))
+            yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+            want = ndimage.binary_dilation(seg > 0, structure=(xx * xx + yy * yy) <= radius ** 2)
+            got = np.empty(shape, bool)
+            nk._dilate_disk(seg, radius, got)
+            np.testing.assert_array_equal(got, want, err_msg=f"{shape} r={radius}")
+    got = np.ones((20, 30), bool)
+    nk._dilate_disk(np.zeros((20, 30), np.int32), 3.0, got)
+    assert not got.any()

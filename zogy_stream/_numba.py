@@ -524,6 +524,54 @@ def _above(img, level, y0, y1, x0, x1):
     return ys, xs
 
 
+# ------------------------------------------------------------- disk dilation
+@njit(**_OPTS)
+def _dilate_disk(mask, radius, out):
+    """``out`` = ``mask`` dilated by the disk ``dx^2 + dy^2 <= radius^2``.
+
+    Equal to scipy's ``binary_dilation`` with that structure (nothing beyond
+    the border).  Per row of offsets a span of half-width ``w(dy)``: a prefix
+    count of each row answers "any set pixel in the span" with one
+    comparison, in a branch-free pass per offset; rows without a set pixel
+    are skipped.
+    """
+    ny, nx = mask.shape
+    big = int(np.ceil(radius))
+    hw = np.full(2 * big + 1, -1, np.int64)  # half-width of the span at offset dy (-1: none)
+    r2 = radius * radius
+    for k in range(2 * big + 1):
+        dy = k - big
+        w = -1
+        for dx in range(big + 1):
+            if dx * dx + dy * dy <= r2:
+                w = dx
+        hw[k] = w
+    cnt = np.zeros((ny, nx + 1), np.int32)
+    has = np.zeros(ny, np.bool_)
+    for y in range(ny):
+        c = 0
+        for x in range(nx):
+            c += mask[y, x] != 0
+            cnt[y, x + 1] = c
+        has[y] = c > 0
+    for y in range(ny):
+        o = out[y]
+        for x in range(nx):
+            o[x] = False
+        for k in range(2 * big + 1):
+            yy = y + k - big
+            w = hw[k]
+            if w < 0 or yy < 0 or yy >= ny or not has[yy]:
+                continue
+            row = cnt[yy]
+            for x in range(min(w, nx)):  # spans cut by the left border
+                o[x] |= row[min(x + w + 1, nx)] > 0
+            for x in range(w, nx - w - 1):  # whole spans: a branch-free, vectorised pass
+                o[x] |= row[x + w + 1] > row[x - w]
+            for x in range(max(nx - w - 1, w), nx):  # cut by the right border
+                o[x] |= row[nx] > row[max(x - w, 0)]
+
+
 # ------------------------------------------------------ cosmic-ray seeds
 @njit(parallel=True, **_OPTS)
 def _lacosmic_seeds(e, rn2, thresh, rowmin, out):

