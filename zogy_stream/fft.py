@@ -32,6 +32,9 @@ def _import_pyfftw():
     ``python -X importtime``).  They are blocked for that one import and
     unblocked right after; a module already imported is left alone, and
     ``import pyfftw.interfaces.scipy_fftpack`` (or ``dask_fft``) still works.
+    (Another thread importing scipy.fftpack or dask.array.fft during those
+    ~60 ms of ``import zogy_stream`` would get an ImportError: import the
+    package before starting such threads.)
     """
     import sys
 
