@@ -534,3 +534,16 @@ def test_console_script_quiet_with_medium_length_paths(scene, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "d.fits").exists()
     assert r.stderr == ""
+
+
+def test_console_script_runs_blas_on_one_thread():
+    """The console script (argv from the command line) limits BLAS to one thread for
+    its process; an error run still gets there and returns its exit code."""
+    pytest.importorskip("threadpoolctl")
+    code = ("import sys; from zogy_stream import cli; "
+            "sys.argv = ['zogy-stream', 'subtract', 'nope.fits', 'nope2.fits', '-o', 'x.fits']; "
+            "rc = cli.main(); from threadpoolctl import threadpool_info; "
+            "print(rc, sorted({i['num_threads'] for i in threadpool_info() "
+            "if i['user_api'] == 'blas'}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "[1]"], r.stdout + r.stderr

@@ -831,6 +831,8 @@ def _noise_factor(scorr: np.ndarray, good: np.ndarray, *, nsig: float = 4.0) -> 
     """
     from .background import CLIP, _clipped_stats_blocks, truncation_factor
 
+    if np.shape(good) != np.shape(scorr):  # the kernel reads both unchecked
+        raise ValueError(f"good has shape {np.shape(good)}, scorr {np.shape(scorr)}")
     out = dict(factor=1.0, measured=float("nan"), err=float("nan"), applied=False)
     if np.count_nonzero(good) < 1000:
         return out
@@ -839,8 +841,7 @@ def _noise_factor(scorr: np.ndarray, good: np.ndarray, *, nsig: float = 4.0) -> 
     _clipped_stats_blocks(scorr, good, 4, 4, CLIP, 8, st)
     std = np.where(st[:, 2] >= 50, st[:, 1] / truncation_factor(CLIP), np.nan)
     f = float(std[0])
-    blocks = list(std[1:])
-    blocks = [v for v in blocks if np.isfinite(v)]
+    blocks = [float(v) for v in std[1:] if np.isfinite(v)]
     if len(blocks) < 4 or not np.isfinite(f) or f <= 0:
         out["measured"] = f
         return out
