@@ -547,3 +547,26 @@ def test_console_script_runs_blas_on_one_thread():
             "if i['user_api'] == 'blas'}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.split() == ["2", "[1]"], r.stdout + r.stderr
+
+
+def test_subtract_starts_without_the_daemon_or_scipy_optimize(tmp_path):
+    """Start-up of ``subtract``: the daemon's commands (its module pulls in astropy.wcs
+    and the job journal) are only built for the commands that need them, and the star
+    module imports scipy.optimize and scipy.spatial where used; ``--help`` and the
+    daemon's commands still see everything."""
+    code = ("import sys; from zogy_stream import cli, stars; "
+            "rc = cli.main(['subtract', 'nope.fits', 'nope2.fits', '-o', 'x.fits']); "
+            "print(rc, 'zogy_stream.daemon' in sys.modules, 'scipy.optimize' in sys.modules, "
+            "'scipy.spatial' in sys.modules); "
+            "p = cli.build_parser(); "
+            "print(sorted(p._subparsers._group_actions[0].choices)); "
+            "print('zogy_stream.daemon' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    lines = r.stdout.splitlines()
+    assert lines[0] == "2 False False False", r.stdout + r.stderr
+    assert lines[1] == "['daemon', 'demo', 'requeue', 'status', 'subtract']"
+    assert lines[2] == "True"
+    r = subprocess.run([sys.executable, "-m", "zogy_stream.cli", "status", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--state" in r.stdout, r.stderr

@@ -271,6 +271,13 @@ def test_compiled_row_reads_match_python_reads(tmp_path, monkeypatch, caplog):
                 a, b = fast.read(box, step=step), slow.read(box, step=step)
                 assert fast._compiled_reads and a.dtype == np.float32
                 np.testing.assert_array_equal(a, b)
+                # into a reused buffer (the pipeline's window pool): the same values
+                out = np.full(a.shape, 7.0, np.float32)
+                for rd in (fast, slow):
+                    got = rd.read(box, step=step, out=out)
+                    assert got is out
+                    np.testing.assert_array_equal(got, a)
+                    assert np.array_equal(np.signbit(got), np.signbit(a)), name
                 assert np.array_equal(np.signbit(a), np.signbit(b)), name
                 ref = want[box.y0:box.y1:step, box.x0:box.x1:step]
                 np.testing.assert_allclose(a, ref, rtol=1e-6, err_msg=name)
@@ -289,6 +296,19 @@ def test_compiled_row_reads_match_python_reads(tmp_path, monkeypatch, caplog):
     assert "REF: compiled row reads unavailable" in caplog.text and not rd._compiled_reads
     want = fits.getdata(tmp_path / "f8.fits")[2:90:3, 40:131:3].astype(np.float32)
     np.testing.assert_array_equal(got, want)
+
+
+def test_mapped_reads_into_a_buffer(tmp_path):
+    """Without pread (memory-map path) ``out`` is filled the same way."""
+    rng = np.random.default_rng(5)
+    data = rng.normal(size=(60, 45)).astype(">f4")
+    fits.PrimaryHDU(data).writeto(tmp_path / "m.fits")
+    with _no_pread(ImageReader(str(tmp_path / "m.fits"))) as rd:
+        for box, step in ((Box(3, 50, 2, 40), 1), (Box(0, 60, 0, 45), 4)):
+            want = data[box.y0:box.y1:step, box.x0:box.x1:step].astype(np.float32)
+            out = np.full(want.shape, np.nan, np.float32)
+            assert rd.read(box, step=step, out=out) is out
+            np.testing.assert_array_equal(out, want)
 
 
 def test_sample(tmp_path):
@@ -311,6 +331,14 @@ def test_array_source():
         np.testing.assert_array_equal(rd.read(Box(0, 3, 0, 4), step=2), data[::2, ::2])
         with pytest.raises(ValueError, match="step"):
             rd.read(Box(0, 3, 0, 4), step=0)
+        out = np.zeros((2, 2), np.float32)
+        assert rd.read(Box(1, 3, 1, 3), out=out) is out
+        np.testing.assert_array_equal(out, data[1:3, 1:3])
+        for bad in (np.zeros((2, 3), np.float32), np.zeros((2, 2)),
+                    np.zeros((2, 4), np.float32)[:, ::2]):
+            with pytest.raises(ValueError, match="out must be a writeable C-contiguous "
+                                                 r"float32 array of shape \(2, 2\)"):
+                rd.read(Box(1, 3, 1, 3), out=bad)
     with pytest.raises(InputError):
         ImageReader(np.zeros((2, 3, 4)))
 
@@ -334,6 +362,9 @@ def test_tile_compressed(tmp_path, kind):
             np.testing.assert_array_equal(rd.read(box), ref[box.slices].astype(np.float32))
             np.testing.assert_array_equal(rd.read(box, step=3),
                                           ref[box.slices][::3, ::3].astype(np.float32))
+            out = np.empty(box.shape, np.float32)
+            assert rd.read(box, out=out) is out
+            np.testing.assert_array_equal(out, ref[box.slices].astype(np.float32))
         np.testing.assert_array_equal(rd.sample(4), ref[::4, ::4].astype(np.float32))
 
 

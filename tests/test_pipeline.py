@@ -605,6 +605,54 @@ def test_product_ring_reuses_buffers_and_changes_nothing():
     assert not np.shares_memory(held[0].scorr, held[1].scorr)
 
 
+def test_window_pool_reuses_reader_buffers():
+    """The reader's windows go into pooled buffers: a released tile's buffers
+    serve the next load, the windows of a tile still loaded are left alone, and
+    a run through the pool gives the products of fresh windows."""
+    import zogy_stream.pipeline as pl
+    from zogy_stream.simulate import make_scene
+
+    pool = pl._WindowPool(12, keep=2)
+    a, buf_a = pool.take((3, 4))
+    b, buf_b = pool.take((2, 5))
+    assert a.shape == (3, 4) and a.flags.c_contiguous and b.shape == (2, 5)
+    big, none = pool.take((4, 4))  # larger than the pool's buffers: a plain array
+    assert none is None and big.shape == (4, 4)
+    pool.give([buf_a, buf_b, None, np.empty(12, np.float32)])  # at most `keep` kept
+    c, buf_c = pool.take((2, 2))
+    d, buf_d = pool.take((3, 3))
+    e, buf_e = pool.take((1, 1))
+    assert {id(buf_c), id(buf_d)} == {id(buf_a), id(buf_b)}
+    assert buf_e is not buf_a and buf_e is not buf_b
+
+    sc = make_scene((300, 260), seed=4, n_transients=5)
+    inputs, opts = pl._make_inputs(sc.new, sc.ref, dict(
+        new_psf=sc.new_psf, ref_psf=sc.ref_psf, new_var=sc.new_var, ref_var=sc.ref_var,
+        flux_ratio=1.0, tile=128, wisdom=False, prefetch=0))
+    engine = pl.TileEngine(pl.plan_run(inputs, opts))
+    try:
+        tiles = list(engine.plan.grid)
+        first, second = engine.load(tiles[0]), engine.load(tiles[1])
+        kept = {k: v.copy() for k, v in second.windows.items()}
+        fresh = engine.process(first)
+        fresh = {k: getattr(fresh, k).copy() for k in ("d", "scorr", "flux")}
+        old = list(first.windows.values())
+        engine.release(first)
+        assert first.windows == {} and first.buffers == []
+        engine.release(first)  # twice: harmless
+        third = engine.load(tiles[2])
+        assert any(np.shares_memory(w, o) for w in third.windows.values() for o in old)
+        for k, v in second.windows.items():
+            np.testing.assert_array_equal(v, kept[k])
+        engine.release(second)
+        engine.release(third)
+        pooled = next(pl._iter_tiles(engine, iter(tiles)))
+        for k, v in fresh.items():
+            np.testing.assert_array_equal(getattr(pooled, k), v)
+    finally:
+        engine.close()
+
+
 def test_score_scene_counts_and_measures():
     """The scorer the demo, the accuracy benchmark and the mosaic tests share."""
     from astropy.table import Table

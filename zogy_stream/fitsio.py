@@ -205,7 +205,7 @@ class ImageReader:
             self._blank = int(header["BLANK"])
 
     # ------------------------------------------------------------------ reading
-    def read(self, box: Box, *, step: int = 1) -> np.ndarray:
+    def read(self, box: Box, *, step: int = 1, out: np.ndarray | None = None) -> np.ndarray:
         """Return the pixels of ``box`` (inside the image) as native float32.
 
         BSCALE/BZERO are applied and BLANK pixels become NaN.  With ``step`` > 1
@@ -213,17 +213,37 @@ class ImageReader:
         skipped are not read).  Uncompressed files are read row by row with
         ``pread`` through one scratch buffer: one thread at a time per reader.
 
+        Parameters
+        ----------
+        box : Box
+            The pixels to read.
+        step : int, optional
+            Keep every ``step``-th row and column.
+        out : ndarray, optional
+            A C-contiguous float32 array of the result's shape to read into
+            (reused buffers: no fresh memory to page in for every window);
+            returned.  By default a new array.
+
         Raises
         ------
         InputError
             A compressed tile cannot be decompressed, or the file was
             truncated after it was opened.
+        ValueError
+            ``step`` < 1, or ``out`` is not a C-contiguous float32 array of the
+            result's shape.
         """
         step = int(step)
         if step < 1:
             raise ValueError(f"step must be >= 1, got {step}")
+        if out is not None:
+            shape = (-(-box.shape[0] // step), -(-box.shape[1] // step))
+            if (out.dtype != np.float32 or out.shape != shape
+                    or not out.flags.c_contiguous or not out.flags.writeable):
+                raise ValueError(f"out must be a writeable C-contiguous float32 array of shape "
+                                 f"{shape}, got {out.dtype.name} {out.shape}")
         if self._fd is not None:
-            return self._read_rows(box, step)
+            return self._read_rows(box, step, out)
         if self._section is not None:
             try:
                 raw = np.asarray(self._section[box.slices])[::step, ::step]
@@ -231,12 +251,20 @@ class ImageReader:
                 raise InputError(f"{self.label}: cannot decompress rows {box.y0}-{box.y1} "
                                  f"({exc})") from None
         elif self._mm is not None:
-            return self._read_mapped(box, step)
+            return self._read_mapped(box, step, out)
         else:
             raw = self._raw[box.y0:box.y1:step, box.x0:box.x1:step]
-        return self._scale_raw(raw, raw.astype(np.float32))
+        return self._scale_raw(raw, self._converted(raw, out))
 
-    def _read_rows(self, box: Box, step: int) -> np.ndarray:
+    @staticmethod
+    def _converted(raw: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """``raw`` as native float32, in ``out`` when given."""
+        if out is None:
+            return raw.astype(np.float32)
+        np.copyto(out, raw, casting="unsafe")
+        return out
+
+    def _read_rows(self, box: Box, step: int, out: np.ndarray | None) -> np.ndarray:
         # One pread per row (one for the whole box when its rows are contiguous
         # in the file) into a reused raw buffer, then one converting copy: no
         # page faults, no TLB shoot-downs, nothing mapped to release.  Measured
@@ -259,7 +287,7 @@ class ImageReader:
                 self._pread(raw[i], at + rows[i] * row_bytes, rows[i])
         if step > 1:
             raw = raw[:, ::step]
-        return self._scale_raw(raw, raw.astype(np.float32))
+        return self._scale_raw(raw, self._converted(raw, out))
 
     def _pread_compiled(self, raw: np.ndarray, first: int, stride: int) -> int:
         """Rows of ``raw`` read by the compiled loop (:func:`_numba._pread_rows`):
@@ -287,11 +315,12 @@ class ImageReader:
                                  "(truncated after it was opened?)")
             done += n
 
-    def _read_mapped(self, box: Box, step: int) -> np.ndarray:
+    def _read_mapped(self, box: Box, step: int, out: np.ndarray | None) -> np.ndarray:
         # (Where there is no preadv.) The kernel maps whole rows around each
         # faulting page (fault-around), so copy in bands of rows and drop each
         # band's pages at once: resident memory stays ~_CHUNK_ROWS x width.
-        out = np.empty((-(-box.shape[0] // step), -(-box.shape[1] // step)), dtype=np.float32)
+        if out is None:
+            out = np.empty((-(-box.shape[0] // step), -(-box.shape[1] // step)), np.float32)
         band = _CHUNK_ROWS - _CHUNK_ROWS % step or step
         for y in range(box.y0, box.y1, band):
             y1 = min(y + band, box.y1)

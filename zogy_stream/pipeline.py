@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -393,6 +394,43 @@ class _Loaded:
     windows: dict
     stats: tuple
     extra: dict = field(default_factory=dict)
+    buffers: list = field(default_factory=list)  # of the engine's window pool
+
+
+class _WindowPool:
+    """Reused float32 buffers for the reader's tile windows.
+
+    Each tile's input windows (4 planes of the padded tile with variance
+    maps) would otherwise be new arrays, which the reader, engine and writer
+    threads allocate and free in no fixed order, so glibc hands many of them
+    back to the system and every tile pages fresh, zeroed memory in again.
+    :meth:`take` gives a C-contiguous view of a free buffer of ``size``
+    elements (a new one when none is free, or a plain new array for a larger
+    shape); :meth:`give` returns buffers, of which at most ``keep`` are kept.
+    Thread-safe: the reader takes, the tile threads give back.
+    """
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size, self.keep = int(size), int(keep)
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape) -> tuple[np.ndarray, np.ndarray | None]:
+        """(view of ``shape``, the pooled buffer behind it or None)."""
+        n = int(shape[0]) * int(shape[1])
+        if n > self.size:
+            return np.empty(shape, np.float32), None
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None:
+            buf = np.empty(self.size, np.float32)
+        return buf[:n].reshape(shape), buf
+
+    def give(self, buffers) -> None:
+        with self._lock:
+            for buf in buffers:
+                if buf is not None and len(self._free) < self.keep:
+                    self._free.append(buf)
 
 
 class TileEngine:
@@ -436,6 +474,9 @@ class TileEngine:
         self.mesh_ref = MeshBackground(self.readers["REF"], cell=o.bkg_mesh,
                                        saturation=plan.saturation[1], subtract=o.background,
                                        fallback_sigma=plan.sigma[1])
+        # windows of up to 8 tiles' inputs in flight are reused (see _iter_parallel)
+        self._windows = _WindowPool(plan.grid.size[0] * plan.grid.size[1],
+                                    keep=8 * len(self.readers))
         self._mask = np.empty(plan.grid.size, dtype=np.uint8)
         self._grown = np.empty(plan.grid.size, dtype=np.uint8)
         self._tmp = np.empty(plan.grid.size, dtype=np.uint8)
@@ -473,12 +514,22 @@ class TileEngine:
             rd.close()
 
     # reading happens in a background thread: no shared mutable state here
+    # (but the thread-safe window pool)
     def load(self, tile: Tile) -> _Loaded:
-        """Read the in-image part of a tile's window from every input."""
+        """Read the in-image part of a tile's window from every input.
+
+        The windows are in buffers of the engine's pool: hand them back with
+        :meth:`release` once :meth:`process` is done with them (else they are
+        simply garbage-collected).
+        """
         t0 = time.perf_counter()
         p = self.plan
         # read() drops each chunk's mapped pages as it copies: no release needed here
-        win = {label: rd.read(tile.valid) for label, rd in self.readers.items()}
+        win, pooled = {}, []
+        for label, rd in self.readers.items():
+            view, buf = self._windows.take(tile.valid.shape)
+            win[label] = rd.read(tile.valid, out=view)
+            pooled.append(buf)
         for img in ("new", "ref"):
             kind = p.inputs.noise(img)
             if kind in ("weight", "err"):  # unusable weights/errors mask via a NaN variance
@@ -501,7 +552,12 @@ class TileEngine:
         for mesh in (self.mesh_new, self.mesh_ref):  # a share of the next tile row's cells
             mesh.warm(tile.window.y1 + p.grid.core_shape[0] + mesh.cell)
         self.timings["read+stats"] += time.perf_counter() - t0
-        return _Loaded(tile, win, tuple(stats), extra)
+        return _Loaded(tile, win, tuple(stats), extra, pooled)
+
+    def release(self, loaded: _Loaded) -> None:
+        """Return ``loaded``'s window buffers to the pool; its windows are gone."""
+        buffers, loaded.buffers, loaded.windows = loaded.buffers, [], {}
+        self._windows.give(buffers)
 
     def _tile_calibration(self, tile: Tile, win: dict) -> dict:
         """Per-tile masks (bleed, cosmic rays), PSFs and flux ratio (reader thread)."""
@@ -908,7 +964,10 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0,
             for t in tiles:
                 if stop is not None and stop.is_set():
                     raise Cancelled("stopped on request")
-                yield engine.process(engine.load(t), buffer())
+                loaded = engine.load(t)
+                res = engine.process(loaded, buffer())
+                engine.release(loaded)
+                yield res
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zogy-read") as pool:
             pending: deque = deque()
@@ -928,11 +987,20 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0,
                     if nxt is not None:
                         pending.append(pool.submit(engine.load, nxt))
                     res = engine.process(loaded, buffer())
-                    del loaded  # the windows may go before the consumer is done with res
+                    engine.release(loaded)  # the windows go before the consumer is done with res
+                    del loaded
                     yield res
             finally:
                 for f in pending:
                     f.cancel()
+
+
+def _process_release(engine: TileEngine, loaded: _Loaded, buffer) -> TileResult:
+    """:meth:`TileEngine.process`, then the windows back to the pool."""
+    try:
+        return engine.process(loaded, buffer)
+    finally:
+        engine.release(loaded)
 
 
 def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResult]:
@@ -987,7 +1055,8 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
         loaded = fut.result()
         engine.timings["wait read"] += time.perf_counter() - t0
         w = k % active
-        running.append(pools[w].submit(workers[w].process, loaded, bufs[k % len(bufs)]))
+        running.append(pools[w].submit(_process_release, workers[w], loaded,
+                                       bufs[k % len(bufs)]))
 
     active = n
     try:
