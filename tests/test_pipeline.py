@@ -422,10 +422,13 @@ def test_band_settled_and_unsettled_outputs_are_identical(tmp_path, caplog):
         np.testing.assert_array_equal(a["SCORR"].data, b["SCORR"].data)
 
 
-def test_parallel_tiles_give_the_same_products(tmp_path, caplog):
+def test_parallel_tiles_give_the_same_products(tmp_path, caplog, monkeypatch):
     """Two (or three) tiles processed at once, each on its own FFT plans and buffers,
     give the products and candidates of one tile at a time, byte for byte; the
-    default takes 2 at once when the output is gathered in row bands."""
+    default takes 2 at once when the output is gathered in row bands.  So does the
+    fallback where Numba cannot be asked for its threading layer up front (the
+    first tile then runs alone)."""
+    from zogy_stream import _numba as nk
     from zogy_stream import subtract
     from zogy_stream.simulate import make_scene
 
@@ -445,12 +448,15 @@ def test_parallel_tiles_give_the_same_products(tmp_path, caplog):
         three = subtract(sc.new, sc.ref, tmp_path / "three.fits", parallel_tiles=3,
                          write_buffer=0, **dict(kw, threads=3))
     assert "3 tile(s) at once" in caplog.text
-    assert one.n_tiles == auto.n_tiles == three.n_tiles == 25
+    monkeypatch.setattr(nk, "launch_threads", lambda: False)
+    alone = subtract(sc.new, sc.ref, tmp_path / "alone.fits", parallel_tiles=2, **kw)
+    assert one.n_tiles == auto.n_tiles == three.n_tiles == alone.n_tiles == 25
     with fits.open(tmp_path / "one.fits") as a, fits.open(tmp_path / "auto.fits") as b, \
-            fits.open(tmp_path / "three.fits") as c:
+            fits.open(tmp_path / "three.fits") as c, fits.open(tmp_path / "alone.fits") as d:
         for name in ("D", "S", "SCORR", "FLUX", "FLUX_ERR", "MASK"):
             np.testing.assert_array_equal(b[name].data, a[name].data)
             np.testing.assert_array_equal(c[name].data, a[name].data)
+            np.testing.assert_array_equal(d[name].data, a[name].data)
     ta, tb = Table.read(tmp_path / "one.ecsv"), Table.read(tmp_path / "auto.ecsv")
     assert len(ta) == len(tb) >= 5
     for col in ("x", "y", "scorr", "flux", "flags", "tile"):
@@ -696,3 +702,19 @@ def test_positions_on_bright_hosts_come_from_the_score_peak():
     ok = d < 2
     assert ok.sum() >= 4
     assert np.sqrt(np.mean(d[ok] ** 2)) < 0.45 and d[ok].max() < 0.8, d[ok]
+
+
+def test_numba_threading_layer_chosen_before_the_first_tile():
+    """Numba can be asked to choose its threading layer before any parallel kernel
+    runs (so the first two tiles start together); in a fresh process, where no
+    kernel has run, the layer is chosen and is one that runs kernels from several
+    threads at once on this machine (omp or tbb)."""
+    import subprocess
+    import sys
+
+    code = ("import numba; from zogy_stream import _numba as nk\n"
+            "try:\n    numba.threading_layer(); print('early')\nexcept ValueError:\n    pass\n"
+            "print(nk.launch_threads(), numba.threading_layer(), nk.threadsafe_layer())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() in (["True", "omp", "True"], ["True", "tbb", "True"]), \
+        r.stdout + r.stderr

@@ -625,6 +625,22 @@ def threadsafe_layer() -> bool:
         return False
 
 
+def launch_threads() -> bool:
+    """Have Numba choose its threading layer and start its threads now, not at the
+    first parallel kernel; False where this Numba cannot be asked to (the private
+    ``numba.np.ufunc.parallel._launch_threads``, stable since Numba 0.4x, is gone)."""
+    try:
+        from numba.np.ufunc.parallel import _launch_threads
+
+        _launch_threads()
+        import numba
+
+        numba.threading_layer()  # raises ValueError if still not chosen
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------- reading
 # pread(2) called from compiled code: one call per row of a tile window without the
 # interpreter's ~1.5 us a call (a 1216-row window of an 8192-wide plane: 1.6 ms

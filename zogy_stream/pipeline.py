@@ -1006,9 +1006,10 @@ def _process_release(engine: TileEngine, loaded: _Loaded, buffer) -> TileResult:
 def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResult]:
     """:func:`_iter_tiles` with ``n`` tiles processed at once, results in order.
 
-    The first tile runs alone: Numba chooses its threading layer there, and
-    with ``workqueue``, which cannot run kernels from two threads at once, the
-    rest run one at a time too.  Tile k goes to compute context ``k % n`` (``engine`` and its
+    Numba is asked to choose its threading layer first (:func:`_numba.launch_threads`;
+    where it cannot be asked, the first tile runs alone and the layer is chosen
+    there); with ``workqueue``, which cannot run kernels from two threads at
+    once, the tiles run one at a time.  Tile k goes to compute context ``k % n`` (``engine`` and its
     :meth:`TileEngine.fork`s, each with its own single-worker thread, so a
     context never has two tiles), each with ``engine.threads`` FFT and Numba
     threads (``threads // n``: see :func:`_parallel_tiles`); one thread reads
@@ -1058,19 +1059,29 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
         running.append(pools[w].submit(_process_release, workers[w], loaded,
                                        bufs[k % len(bufs)]))
 
+    def check_layer() -> int:
+        if nk.threadsafe_layer():
+            return n
+        (log.warning if engine.plan.opts.parallel_tiles > 1 else log.debug)(
+            "Numba's threading layer (%s) cannot run kernels from two threads at "
+            "once (pip install tbb, or an OpenMP runtime): one tile at a time",
+            _layer_name())
+        return 1
+
     active = n
     try:
         for _ in range(n + max(engine.plan.opts.prefetch, 1)):
             read_next()
-        start_next()  # the first tile alone: Numba chooses its threading layer in it
-        if running:
+        # Numba chooses its threading layer now where it can be asked to (else in the
+        # first tile, run alone): the first tile's one-time costs (kernel cache loads,
+        # the first kernel set, first FFT calls; ~0.3 s) then overlap the second's
+        chosen = nk.launch_threads()
+        if chosen:
+            active = check_layer()
+        start_next()
+        if running and not chosen:
             first = running[0].result()
-            if not nk.threadsafe_layer():
-                (log.warning if engine.plan.opts.parallel_tiles > 1 else log.debug)(
-                    "Numba's threading layer (%s) cannot run kernels from two threads at "
-                    "once (pip install tbb, or an OpenMP runtime): one tile at a time",
-                    _layer_name())
-                active = 1
+            active = check_layer()
             del first
         for _ in range(active - 1):
             start_next()
