@@ -718,3 +718,59 @@ def test_numba_threading_layer_chosen_before_the_first_tile():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.split() in (["True", "omp", "True"], ["True", "tbb", "True"]), \
         r.stdout + r.stderr
+
+
+def test_parallel_tiles_a_free_context_takes_the_next_tile(monkeypatch):
+    """With two tiles at once, a context whose tile is done takes the next tile
+    while the one before is still running (a slow tile does not hold the other
+    context idle); results still come in order, each stays intact until the
+    consumer has asked for two more (its buffer is that of the tile 4 later), and
+    the products are those of one tile at a time."""
+    import threading
+    import time
+
+    import zogy_stream.pipeline as pl
+    from zogy_stream.simulate import make_scene
+
+    sc = make_scene((300, 260), seed=4, n_transients=5)
+    inputs, opts = pl._make_inputs(sc.new, sc.ref, dict(
+        new_psf=sc.new_psf, ref_psf=sc.ref_psf, new_var=sc.new_var, ref_var=sc.ref_var,
+        flux_ratio=1.0, tile=128, wisdom=False, threads=2))
+    plan = pl.plan_run(inputs, opts)
+    names = ("d", "s", "scorr", "flux", "flux_err", "mask")
+    engine = pl.TileEngine(plan, threads=1)
+    try:
+        want = [{k: getattr(r, k).copy() for k in names}
+                for r in pl._iter_tiles(engine, iter(plan.grid))]
+    finally:
+        engine.close()
+    spans, lock = {}, threading.Lock()
+    process = pl.TileEngine.process
+
+    def timed(self, loaded, buffer=None):
+        t0 = time.perf_counter()
+        if loaded.tile.index == 0:
+            time.sleep(0.5)  # tile 0 is slow
+        res = process(self, loaded, buffer)
+        with lock:
+            spans[loaded.tile.index] = (t0, time.perf_counter())
+        return res
+
+    monkeypatch.setattr(pl.TileEngine, "process", timed)
+    engine = pl.TileEngine(plan, threads=1)
+    got, held = [], []
+    try:
+        for res in pl._iter_parallel(engine, iter(plan.grid), None, 2):
+            got.append({k: getattr(res, k).copy() for k in names})
+            held.append(res)
+            if len(held) >= 2:  # the result before is still intact
+                for k in names:
+                    np.testing.assert_array_equal(getattr(held[-2], k), got[-2][k])
+    finally:
+        engine.close()
+    assert [r.tile.index for r in held] == list(range(len(want))) and len(want) >= 6
+    assert spans[2][0] < spans[0][1]  # tile 2 started while tile 0 was still running
+    assert spans[3][0] >= spans[0][1]  # tile 3 waits for tile 0 to be yielded (j < last + 4)
+    for a, b in zip(want, got):
+        for k in names:
+            np.testing.assert_array_equal(b[k], a[k])

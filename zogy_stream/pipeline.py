@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -1009,7 +1009,7 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
     Numba is asked to choose its threading layer first (:func:`_numba.launch_threads`;
     where it cannot be asked, the first tile runs alone and the layer is chosen
     there); with ``workqueue``, which cannot run kernels from two threads at
-    once, the tiles run one at a time.  Tile k goes to compute context ``k % n`` (``engine`` and its
+    once, the tiles run one at a time.  Tiles go to compute contexts (``engine`` and its
     :meth:`TileEngine.fork`s, each with its own single-worker thread, so a
     context never has two tiles), each with ``engine.threads`` FFT and Numba
     threads (``threads // n``: see :func:`_parallel_tiles`); one thread reads
@@ -1021,7 +1021,8 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
     tiles later, after the consumer has asked for ``n`` more (for
     :func:`_run_local`: after its write has finished).  Every tile's products
     are the same as with one context (kernels depend only on their key; fill
-    noise only on the pixel's position).
+    noise only on the pixel's position).  A context takes the next tile as soon
+    as it is free (results are still yielded in order).
     """
     import numba
 
@@ -1039,7 +1040,9 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
                                 initializer=init) for i in range(n)]
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zogy-read")
     loads: deque = deque()
-    running: deque = deque()
+    running: dict = {}  # tile number -> future, until its result is yielded
+    assigned: dict = {}  # compute context -> future of the tile it is processing
+    idle: list = []  # compute contexts without a tile
     it = enumerate(tiles)
 
     def read_next():
@@ -1047,17 +1050,23 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
         if nxt is not None:
             loads.append((nxt[0], reader.submit(engine.load, nxt[1])))
 
-    def start_next():
-        if not loads:
-            return
-        k, fut = loads.popleft()
-        read_next()
-        t0 = time.perf_counter()
-        loaded = fut.result()
-        engine.timings["wait read"] += time.perf_counter() - t0
-        w = k % active
-        running.append(pools[w].submit(_process_release, workers[w], loaded,
-                                       bufs[k % len(bufs)]))
+    def start(limit: int) -> None:
+        """Loaded tiles numbered below ``limit`` onto idle contexts, in order."""
+        while idle and loads and loads[0][0] < limit:
+            k, fut = loads.popleft()
+            read_next()
+            t0 = time.perf_counter()
+            loaded = fut.result()
+            engine.timings["wait read"] += time.perf_counter() - t0
+            w = idle.pop(0)
+            running[k] = assigned[w] = pools[w].submit(_process_release, workers[w], loaded,
+                                                       bufs[k % len(bufs)])
+
+    def free_done() -> None:
+        for w, fut in list(assigned.items()):
+            if fut.done():
+                del assigned[w]
+                idle.append(w)
 
     def check_layer() -> int:
         if nk.threadsafe_layer():
@@ -1068,7 +1077,6 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
             _layer_name())
         return 1
 
-    active = n
     try:
         for _ in range(n + max(engine.plan.opts.prefetch, 1)):
             read_next()
@@ -1076,21 +1084,33 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
         # first tile, run alone): the first tile's one-time costs (kernel cache loads,
         # the first kernel set, first FFT calls; ~0.3 s) then overlap the second's
         chosen = nk.launch_threads()
-        if chosen:
-            active = check_layer()
-        start_next()
-        if running and not chosen:
-            first = running[0].result()
-            active = check_layer()
-            del first
-        for _ in range(active - 1):
-            start_next()
-        while running:
+        idle.extend(range(check_layer() if chosen else 1))
+        if not chosen:
+            start(1)
+            if running:
+                wait([running[0]])
+                idle.extend(range(1, check_layer()))
+        # A context takes the next tile as soon as it is free, not when the tile
+        # before is yielded (tiles take unequal times).  Tile j goes into the buffer
+        # of tile j - 2n, so it starts once the consumer has asked for n results
+        # after that one: with ``last`` the newest result the consumer has asked
+        # past, j < last + n + 2.
+        head, last = 0, -1
+        while True:
+            free_done()
+            start(last + n + 2)
+            if head not in running:  # nothing left to read or run
+                break
             if stop is not None and stop.is_set():
                 raise Cancelled("stopped on request")
-            res = running.popleft().result()
-            start_next()
+            if not running[head].done():
+                wait([f for f in running.values() if not f.done()],
+                     return_when=FIRST_COMPLETED)
+                continue
+            res = running.pop(head).result()
+            head += 1
             yield res
+            last = head - 1
     finally:
         for f in list(loads):
             f[1].cancel()
