@@ -774,3 +774,37 @@ def test_parallel_tiles_a_free_context_takes_the_next_tile(monkeypatch):
     for a, b in zip(want, got):
         for k in names:
             np.testing.assert_array_equal(b[k], a[k])
+
+
+def test_kernels_of_the_mosaic_wide_psfs_built_ahead():
+    """warm_kernels() builds the set that tiles with the mosaic-wide PSFs and an even
+    noise level ask for (the tiles then build nothing), and nothing when the PSFs
+    vary by tile."""
+    import dataclasses
+
+    import zogy_stream.pipeline as pl
+    from zogy_stream.simulate import make_scene
+
+    sc = make_scene((300, 260), seed=4, n_transients=5)
+    base = dict(new_var=sc.new_var, ref_var=sc.ref_var, flux_ratio=1.0, tile=128,
+                wisdom=False, prefetch=0)
+    inputs, opts = pl._make_inputs(sc.new, sc.ref, dict(base, new_psf=sc.new_psf,
+                                                        ref_psf=sc.ref_psf))
+    plan = pl.plan_run(inputs, opts)
+    engine = pl.TileEngine(plan)
+    try:
+        engine.warm_kernels()
+        assert engine.kernels.builds == 1
+        results = [r.tile.index for r in pl._iter_tiles(engine, iter(engine.plan.grid))]
+        assert len(results) >= 6 and engine.kernels.builds == 1
+    finally:
+        engine.close()
+    src_n, src_r = plan.psf_sources
+    for srcs in ((dataclasses.replace(src_n, kind="auto", local=True), src_r),
+                 (src_n, dataclasses.replace(src_r, kind="psfex"))):  # PSFs vary by tile
+        engine = pl.TileEngine(dataclasses.replace(plan, psf_sources=srcs))
+        try:
+            engine.warm_kernels()
+            assert engine.kernels.builds == 0
+        finally:
+            engine.close()
