@@ -58,6 +58,23 @@ def busy_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def wait_quiet(limit: float = 0.1, window: float = 0.5, timeout: float = 20.0) -> float | None:
+    """Wait until the machine keeps fewer than ``limit`` cores busy over ``window`` s
+    (the kernel's clean-up after a previous step: write-back, discards of deleted
+    files, compaction after a large process), at most ``timeout`` s; the last load."""
+    t_end = time.perf_counter() + timeout
+    load = None
+    while True:
+        b0, t0 = busy_cpu_seconds(), time.perf_counter()
+        time.sleep(window)
+        b1 = busy_cpu_seconds()
+        if b0 is None or b1 is None:
+            return None
+        load = (b1 - b0) / (time.perf_counter() - t0)
+        if load < limit or time.perf_counter() > t_end:
+            return load
+
+
 def other_load(busy0: float | None, busy1: float | None, own_cpu_s: float,
                wall_s: float) -> float | None:
     """Average number of cores kept busy by *other* processes during a measurement."""
@@ -104,6 +121,7 @@ def run_child(cmd: list, log_stem: Path, env: dict | None = None) -> ChildRun:
     log_stem.parent.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_stem.with_suffix(".out"), log_stem.with_suffix(".err")
     settle()
+    wait_quiet()
     with open(out_path, "w") as out, open(err_path, "w") as err:
         busy0 = busy_cpu_seconds()
         t0 = time.perf_counter()
@@ -218,6 +236,7 @@ def fft_bound(shape, *, threads: int, wisdom: Path, repeats: int, min_seconds: f
                    threads=threads, effort="FFTW_MEASURE")
     data = np.random.default_rng(0).normal(size=fft.real.shape).astype(np.float32)
     settle()
+    wait_quiet()
     fwd, inv = [], []
     self0 = resource.getrusage(resource.RUSAGE_SELF)
     busy0, start = busy_cpu_seconds(), time.perf_counter()
@@ -373,12 +392,21 @@ def bench_size(n: int, args, out: Path) -> SizeResult:
     r.fft_bound_mpix_s = n * n / 1e6 / r.fft_bound_s
     r.ratio = r.mpix_s / r.fft_bound_mpix_s
     r.run_ratio = r.run_mpix_s / r.fft_bound_mpix_s if r.run_mpix_s else None
-    if args.baseline and n <= args.baseline_max_size:
-        r.baseline = run_baseline(paths, n, out, flux_ratio)
-    elif args.baseline:
+    return r
+
+
+def add_baseline(r: SizeResult, args, out: Path) -> None:
+    """The NumPy baseline of ``r``'s size (run after every zogy_stream size: its
+    several-GB process disturbed the next timed run while the kernel cleaned up)."""
+    n = r.size
+    if not args.baseline or r.status != "ok":
+        return
+    if n > args.baseline_max_size:
         r.baseline = {"status": "skipped", "note": f"size > --baseline-max-size "
                                                    f"{args.baseline_max_size}"}
-    return r
+        return
+    paths = ensure_scene(out, n, args.seed)
+    r.baseline = run_baseline(paths, n, out, scene_flux_ratio(paths))
 
 
 def cold_start(n: int, args, out: Path) -> dict:
@@ -608,6 +636,8 @@ def main(argv=None) -> int:
     machine = machine_info(args.threads)
     cold = cold_start(args.sizes[0], args, out) if args.cold_start else None
     results = [bench_size(n, args, out) for n in args.sizes]
+    for r in results:
+        add_baseline(r, args, out)
     paths = (image_space_vs_fourier(args.image_space_size, args, out)
              if args.image_space_size else None)
     propimg = properimage_status()
