@@ -464,6 +464,26 @@ def test_defect_mask_flat_fill_and_bad_border_lines():
     assert defect_mask(ramp, full, shape, 20.0) is None
 
 
+def test_flat_fill_found_at_every_offset_and_only_when_5x5():
+    """The zero-coverage test looks at every 5th row first: a 5x5 block of one value is
+    found wherever it sits, a 5x4 or 4x5 one is not a block."""
+    from zogy_stream.calibrate import _flat_mask
+
+    rng = np.random.default_rng(8)
+    base = rng.normal(1000.0, 20.0, (64, 70)).astype(np.float32)
+    assert _flat_mask(base, 20.0) is None
+    for y0 in range(7, 12):
+        for x0 in (9, 10, 13):
+            img = base.copy()
+            img[y0:y0 + 5, x0:x0 + 5] = 0.0
+            m = _flat_mask(img, 20.0)
+            assert m is not None and m[y0:y0 + 5, x0:x0 + 5].all() and m.sum() == 25
+            for h, w in ((5, 4), (4, 5)):
+                img = base.copy()
+                img[y0:y0 + h, x0:x0 + w] = 0.0
+                assert _flat_mask(img, 20.0) is None
+
+
 def test_registration_offset_folded_into_the_psf():
     """A residual 0.3 px shift: every bright star becomes a dipole unless the measured
     offset goes into NEW's PSF (on by default, --no-registration turns it off)."""
