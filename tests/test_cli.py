@@ -570,3 +570,6 @@ def test_subtract_starts_without_the_daemon_or_scipy_optimize(tmp_path):
     r = subprocess.run([sys.executable, "-m", "zogy_stream.cli", "status", "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--state" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "zogy_stream.cli", "-h", "subtract"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "daemon" in r.stdout and "requeue" in r.stdout, r.stderr

@@ -808,3 +808,46 @@ def test_kernels_of_the_mosaic_wide_psfs_built_ahead():
             assert engine.kernels.builds == 0
         finally:
             engine.close()
+
+
+def test_reader_thread_runs_no_parallel_kernel(monkeypatch):
+    """Tiles are read (and calibrated: cosmic rays, stars) in a thread of their own
+    beside the tiles' parallel kernels; Numba's workqueue layer aborts the process when
+    two threads run parallel kernels at once, so every compiled kernel a tile's load
+    calls must be serial."""
+    pytest.importorskip("astroscrappy")
+    import numba
+
+    import zogy_stream.pipeline as pl
+    from zogy_stream import _numba as nk
+    from zogy_stream import background as bg
+
+    called = set()
+    for mod in (nk, bg):
+        kernels = {n: f for n, f in vars(mod).items()
+                   if isinstance(f, numba.core.registry.CPUDispatcher)}
+        inner = {n for f in kernels.values() for n in f.py_func.__code__.co_names}
+        for name, f in kernels.items():
+            if name in inner:  # called from compiled code, not from Python
+                continue
+            def rec(*a, _f=f, _n=name, **k):
+                called.add((_n, bool(_f.targetoptions.get("parallel"))))
+                return _f(*a, **k)
+            monkeypatch.setattr(mod, name, rec)
+    sc = make_scene((300, 300), seed=5, n_transients=3, star_density=2000,
+                    star_flux=(300, 3e5))
+    new = sc.new.copy()
+    new[100:102, 50:52] += 1500.0  # a cosmic-ray hit
+    inputs, opts = pl._make_inputs(new, sc.ref, dict(tile=128, wisdom=False,
+                                                     cosmic_rays="on", flux_ratio=1.0))
+    plan = pl.plan_run(inputs, opts)
+    engine = pl.TileEngine(plan)
+    try:
+        called.clear()
+        for t in list(plan.grid)[:4]:
+            engine.load(t)
+    finally:
+        engine.close()
+    names = {n for n, _ in called}
+    assert {"_mesh_rows", "_lacosmic_seeds"} <= names, names
+    assert not [n for n, par in called if par]

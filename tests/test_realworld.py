@@ -728,3 +728,16 @@ def test_weak_moffat_fallback_takes_the_better_known_beta(monkeypatch):
     calls.clear()  # a given PSF with no stars sampled for the weak image: nothing to refit
     cb.share_moffat_beta(empirical, src("REF", (2.9, 8.0, 2, 20.0)), regions[0], None, **kw)
     assert calls == []
+
+
+def test_flat_fill_with_nan_on_the_sampled_row_still_found():
+    """A 5x5 block of one value with a NaN in it is a flat block to the min/max filters;
+    when the NaN sits on the every-5th row the shortcut looks at, all rows are used."""
+    from zogy_stream.calibrate import _flat_mask
+
+    rng = np.random.default_rng(9)
+    img = rng.normal(1000.0, 20.0, (40, 50)).astype(np.float32)
+    img[10:15, 20:25] = 0.0
+    img[10, 22] = np.nan  # row 10: a multiple of 5
+    m = _flat_mask(img, 20.0)
+    assert m is not None and m[10:15, 20:25].sum() >= 24

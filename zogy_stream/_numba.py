@@ -575,7 +575,10 @@ def _dilate_disk(mask, radius, out):
 
 
 # ------------------------------------------------------ cosmic-ray seeds
-@njit(parallel=True, **_OPTS)
+# Serial: it runs in the reader thread beside the tiles' parallel kernels, which
+# Numba's workqueue layer (no TBB, no OpenMP) cannot take from two threads at once
+# (it aborts the process); 14 ms on a 1080^2 window against 7 ms on 2 idle threads.
+@njit(**_OPTS)
 def _lacosmic_seeds(e, rn2, thresh, rowmin, out):
     """Pixels where L.A.Cosmic's first test (S' > sigclip) can pass.
 
@@ -590,13 +593,13 @@ def _lacosmic_seeds(e, rn2, thresh, rowmin, out):
     ``out``.  ``rowmin`` is scratch of ``e``'s shape.
     """
     ny, nx = e.shape
-    for y in prange(ny):
+    for y in range(ny):
         for x in range(nx):
             m = e[y, x]
             for k in range(max(0, x - 3), min(nx, x + 4)):
                 m = min(m, e[y, k])
             rowmin[y, x] = m + rn2
-    for y in prange(ny):
+    for y in range(ny):
         for x in range(nx):
             v = rowmin[y, x]
             for k in range(max(0, y - 3), min(ny, y + 4)):

@@ -1093,8 +1093,12 @@ def _flat_mask(img: np.ndarray, sigma: float, size: int = 5) -> np.ndarray | Non
     # Every size x size block covers a row whose index is a multiple of size, with a
     # run of size equal values in it: noise is told apart on those rows alone (a
     # size-th of the pixels; float32 noise has a chance pair of equal neighbours in
-    # most 1080^2 windows, never a run of 5)
-    eq = a[::size, 1:] == a[::size, :-1]
+    # most 1080^2 windows, never a run of 5).  The min/max filters below pass over a
+    # NaN inside a block, so with NaN on those rows every row is looked at.
+    rows = a[::size]
+    if np.isnan(rows).any():
+        rows = a
+    eq = rows[:, 1:] == rows[:, :-1]
     if not eq.any():
         return None
     n = a.shape[1] - size + 1

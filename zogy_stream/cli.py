@@ -344,7 +344,10 @@ def _one_blas_thread() -> None:
 def main(argv=None) -> int:
     """Entry point of the ``zogy-stream`` console script; returns the exit status."""
     words = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(command=next((w for w in words if not w.startswith("-")), None))
+    # the command is the first word (the top level's only options, -h and --version,
+    # print the full help or exit before any command)
+    command = words[0] if words and not words[0].startswith("-") else None
+    parser = build_parser(command=command)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

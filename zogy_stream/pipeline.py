@@ -475,7 +475,8 @@ class TileEngine:
         self.mesh_ref = MeshBackground(self.readers["REF"], cell=o.bkg_mesh,
                                        saturation=plan.saturation[1], subtract=o.background,
                                        fallback_sigma=plan.sigma[1])
-        # windows of up to 8 tiles' inputs in flight are reused (see _iter_parallel)
+        # the windows of up to 8 tiles in flight are kept for reuse (2 n + prefetch
+        # with n tiles at once: 5 by default; more than 8 only with n >= 4)
         self._windows = _WindowPool(plan.grid.size[0] * plan.grid.size[1],
                                     keep=8 * len(self.readers))
         self._mask = np.empty(plan.grid.size, dtype=np.uint8)
@@ -967,11 +968,10 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0,
     (Making the candidates of a tile in a thread of their own, beside the next
     tile's FFTs, was measured: no faster on 2 cores, one more tile in memory.)
     """
-    # the first tiles' kernel set, built while they are read
-    threading.Thread(target=engine.warm_kernels, name="zogy-kernels", daemon=True).start()
     if parallel > 1:
         yield from _iter_parallel(engine, tiles, stop, parallel)
         return
+    _warm_kernels_in_background(engine)
     ahead = engine.plan.opts.prefetch
     core = engine.plan.grid.core_shape
     b = engine.plan.peak_radius
@@ -1018,6 +1018,19 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0,
                     f.cancel()
 
 
+def _warm_kernels_in_background(engine: TileEngine) -> None:
+    """The first tiles' kernel set, built while they are read (:meth:`TileEngine.warm_kernels`)."""
+    threading.Thread(target=engine.warm_kernels, name="zogy-kernels", daemon=True).start()
+
+
+def _preimport(name: str) -> None:
+    """Import module ``name`` (in a background thread); a failure is left for its user."""
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - imported again, and reported, where used
+        log.debug("background import of %s failed: %s", name, exc)
+
+
 def _process_release(engine: TileEngine, loaded: _Loaded, buffer) -> TileResult:
     """:meth:`TileEngine.process`, then the windows back to the pool."""
     try:
@@ -1044,8 +1057,9 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
     tiles later, after the consumer has asked for ``n`` more (for
     :func:`_run_local`: after its write has finished).  Every tile's products
     are the same as with one context (kernels depend only on their key; fill
-    noise only on the pixel's position).  A context takes the next tile as soon
-    as it is free (results are still yielded in order).
+    noise only on the pixel's position).  A free context takes the next tile
+    whenever the generator runs, not only when the tile before is yielded
+    (results are still yielded in order).
     """
     import numba
 
@@ -1055,6 +1069,7 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
     bufs = [np.empty((5, (core[0] + 2 * b) * (core[1] + 2 * b)), engine.sub.dtype)
             for _ in range(2 * n)]
     workers = [engine] + [engine.fork() for _ in range(n - 1)]
+    _warm_kernels_in_background(engine)  # after the forks' FFTW planning, not beside it
 
     def init():  # Numba's thread count is per calling thread
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
@@ -1113,19 +1128,19 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
             if running:
                 wait([running[0]])
                 idle.extend(range(1, check_layer()))
-        # A context takes the next tile as soon as it is free, not when the tile
-        # before is yielded (tiles take unequal times).  Tile j goes into the buffer
+        # A context that is free takes the next tile whenever this loop runs (between
+        # results, not only when the tile before is yielded: tiles take unequal times).  Tile j goes into the buffer
         # of tile j - 2n, so it starts once the consumer has asked for n results
         # after that one: with ``last`` the newest result the consumer has asked
         # past, j < last + n + 2.
         head, last = 0, -1
         while True:
+            if stop is not None and stop.is_set():
+                raise Cancelled("stopped on request")
             free_done()
             start(last + n + 2)
             if head not in running:  # nothing left to read or run
                 break
-            if stop is not None and stop.is_set():
-                raise Cancelled("stopped on request")
             if not running[head].done():
                 wait([f for f in running.values() if not f.done()],
                      return_when=FIRST_COMPLETED)
@@ -1378,8 +1393,8 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
     cat_path = None
     # astropy.wcs, for the candidates' ra/dec after the tiles, imported meanwhile
     # (~0.1 s, that would otherwise be the last thing the run waits for)
-    threading.Thread(target=importlib.import_module, args=("astropy.wcs",),
-                     name="zogy-import", daemon=True).start()
+    threading.Thread(target=_preimport, args=("astropy.wcs",), name="zogy-import",
+                     daemon=True).start()
     try:
         if dask is None:
             bands = _bands_fit(plan, planes)
