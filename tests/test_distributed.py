@@ -1,4 +1,6 @@
 """subtract on Dask distributed equals the single-process result."""
+import contextlib
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -39,6 +41,28 @@ def test_dask_local_matches_single_process(tmp_path):
     assert len(ta) == len(tb) > 0
     assert np.allclose(ta["scorr"], tb["scorr"], atol=1e-4)
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporaries
+
+
+def test_dask_local_workers_run_one_task_at_a_time(tmp_path, monkeypatch):
+    """--dask local:N starts N workers of one task slot each: a task already runs its
+    tiles on --threads threads (two tasks at once would oversubscribe the cores, and
+    Numba's workqueue layer aborts on two tasks' parallel kernels at once)."""
+    import zogy_stream.distributed as zd
+
+    seen = []
+    real = zd.dask_client
+
+    @contextlib.contextmanager
+    def spy(spec, **kw):
+        with real(spec, **kw) as client:
+            seen.append(sorted(client.nthreads().values()))
+            yield client
+
+    monkeypatch.setattr(zd, "dask_client", spy)
+    p = write_scene(tmp_path, (300, 260), seed=4, n_transients=3)
+    res = subtract(p["new"], p["ref"], tmp_path / "d.fits", new_psf=p["new_psf"],
+                   ref_psf=p["ref_psf"], tile=128, threads=2, wisdom=False, dask="local:2")
+    assert res.n_tiles >= 4 and seen == [[1, 1]]
 
 
 def test_dask_refuses_in_memory_arrays(tmp_path):

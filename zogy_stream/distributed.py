@@ -52,6 +52,12 @@ def parse_dask(spec: str) -> tuple[str | None, int | None]:
 def dask_client(spec: str, *, threads_per_worker: int = 1):
     """A ``distributed.Client`` for ``spec`` (a LocalCluster for ``local:N``).
 
+    ``threads_per_worker`` is the number of tasks a local worker runs at once.
+    Each task runs its tiles on ``--threads`` FFT and Numba threads of its own,
+    so the default of 1 gives ``N x --threads`` busy threads. More would
+    oversubscribe the cores, and Numba's ``workqueue`` layer (no TBB, no
+    OpenMP) aborts when two tasks' parallel kernels run at once.
+
     Raises
     ------
     ConfigError

@@ -1406,7 +1406,8 @@ def subtract(new, ref, out, *, new_psf=None, ref_psf=None, new_var=None, ref_var
         else:
             from .distributed import dask_client, run_bands
 
-            with dask_client(dask, threads_per_worker=opts.threads) as client:
+            # one task at a time per local worker, each on --threads FFT/Numba threads
+            with dask_client(dask) as client:
                 parts, timings = run_bands(client, plan, outfile, stop=stop, progress=bar)
         _tile_summary(header, parts)
         _patch_primary(outfile, header)
