@@ -987,10 +987,7 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0,
             for t in tiles:
                 if stop is not None and stop.is_set():
                     raise Cancelled("stopped on request")
-                loaded = engine.load(t)
-                res = engine.process(loaded, buffer())
-                engine.release(loaded)
-                yield res
+                yield _process_release(engine, engine.load(t), buffer())
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zogy-read") as pool:
             pending: deque = deque()
@@ -1009,8 +1006,8 @@ def _iter_tiles(engine: TileEngine, tiles, stop=None, ring: int = 0,
                     nxt = next(it, None)
                     if nxt is not None:
                         pending.append(pool.submit(engine.load, nxt))
-                    res = engine.process(loaded, buffer())
-                    engine.release(loaded)  # the windows go before the consumer is done with res
+                    # the windows go back before the consumer is done with the result
+                    res = _process_release(engine, loaded, buffer())
                     del loaded
                     yield res
             finally:
@@ -1129,10 +1126,10 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
                 wait([running[0]])
                 idle.extend(range(1, check_layer()))
         # A context that is free takes the next tile whenever this loop runs (between
-        # results, not only when the tile before is yielded: tiles take unequal times).  Tile j goes into the buffer
-        # of tile j - 2n, so it starts once the consumer has asked for n results
-        # after that one: with ``last`` the newest result the consumer has asked
-        # past, j < last + n + 2.
+        # results, not only when the tile before is yielded: tiles take unequal
+        # times).  Tile j goes into the buffer of tile j - 2n, so it starts once the
+        # consumer has asked for n results after that one: with ``last`` the newest
+        # result the consumer has asked past, j < last + n + 2.
         head, last = 0, -1
         while True:
             if stop is not None and stop.is_set():
