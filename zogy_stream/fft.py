@@ -156,16 +156,25 @@ class RealFFT2:
         self.spec = pyfftw.empty_aligned((n, ny, nx // 2 + 1), dtype=cdtype)
         flags = (effort, "FFTW_DESTROY_INPUT")
         t0 = time.perf_counter()
-        self._fwd = pyfftw.FFTW(self.real[:n_forward], self.spec[:n_forward], axes=(-2, -1),
-                                direction="FFTW_FORWARD", flags=flags, threads=threads)
-        self._inv = pyfftw.FFTW(self.spec[:n_inverse], self.real[:n_inverse], axes=(-2, -1),
-                                direction="FFTW_BACKWARD", flags=flags, threads=threads)
+        # One plan per plane, not one for the batch: a plane and its spectrum
+        # (9 MiB for 1080^2) stay in the L3 cache between FFTW's row and column
+        # passes, a batch of four (37 MiB) does not.  Two threads transforming
+        # tiles side by side (8192^2 benchmark tile): 31-33 against 34-39 ms
+        # per tile of four forward and four inverse transforms.  The planes are
+        # alike (shape, strides, alignment), so FFTW plans the problem once.
+        self._fwd = [pyfftw.FFTW(self.real[k], self.spec[k], axes=(-2, -1),
+                                 direction="FFTW_FORWARD", flags=flags, threads=threads)
+                     for k in range(n_forward)]
+        self._inv = [pyfftw.FFTW(self.spec[k], self.real[k], axes=(-2, -1),
+                                 direction="FFTW_BACKWARD", flags=flags, threads=threads)
+                     for k in range(n_inverse)]
         self.plan_seconds = time.perf_counter() - t0
         self.n_forward, self.n_inverse = n_forward, n_inverse
 
     def forward(self) -> np.ndarray:
         """Transform ``real[:n_forward]`` into ``spec[:n_forward]``."""
-        self._fwd()
+        for plan in self._fwd:
+            plan()
         return self.spec[: self.n_forward]
 
     def inverse(self) -> np.ndarray:
@@ -173,5 +182,6 @@ class RealFFT2:
 
         The input spectra are destroyed; the 1/(ny nx) factor is the caller's.
         """
-        self._inv(normalise_idft=False)
+        for plan in self._inv:
+            plan(normalise_idft=False)
         return self.real[: self.n_inverse]
