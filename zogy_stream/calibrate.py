@@ -1085,8 +1085,6 @@ def detect_saturation(reader, boxes=None, *, min_pixels: int = 3,
 # ---------------------------------------------------------------- defects
 def _flat_mask(img: np.ndarray, sigma: float, size: int = 5) -> np.ndarray | None:
     """Pixels of ``size`` x ``size`` blocks of one exact value (zero-coverage fill)."""
-    from scipy import ndimage
-
     a = img
     if min(a.shape) < size:
         return None
@@ -1112,6 +1110,8 @@ def _flat_mask(img: np.ndarray, sigma: float, size: int = 5) -> np.ndarray | Non
         smp = smp[np.isfinite(smp)]
         if smp.size and np.all(smp == np.round(smp)):
             return None
+    from scipy import ndimage  # only here: its import costs ~0.15 s
+
     lo = ndimage.minimum_filter(a, size=size, mode="nearest")
     hi = ndimage.maximum_filter(a, size=size, mode="nearest")
     centre = lo == hi
