@@ -1122,17 +1122,20 @@ def _flat_mask(img: np.ndarray, sigma: float, size: int = 5) -> np.ndarray | Non
     return ndimage.binary_dilation(centre, structure=np.ones((size, size), bool))
 
 
+_MAD_TO_STD = 1.482602218505602  # 1 / Phi^-1(3/4), as astropy.stats.mad_std
+
+
 def _bad_border_lines(lines: np.ndarray, sigma: float, *, depth: int, n_ref: int,
                       level: float, noise: tuple[float, float]) -> int:
     """How many lines, counted from the border (row 0 of ``lines``), are defective."""
-    from astropy.stats import mad_std
-
     n = min(len(lines), depth + n_ref)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN lines
         med = np.nanmedian(lines[:n], axis=1)
-    mad = np.array([mad_std(v[np.isfinite(v)]) if np.isfinite(v).sum() > 8 else np.nan
-                    for v in lines[:n]])
+        # astropy's mad_std of each line's finite pixels, for all lines at once
+        # (one call per line was ~1.5 ms of every border tile's read)
+        mad = _MAD_TO_STD * np.nanmedian(np.abs(lines[:n] - med[:, None]), axis=1)
+    mad = np.where(np.isfinite(lines[:n]).sum(axis=1) > 8, mad, np.nan)
     if n < n_ref + 1:
         return 0
     # reference: a straight line through the medians of the n_ref lines inside the
