@@ -405,3 +405,66 @@ def test_drop_coincident_keeps_hits_off_the_other_images_sources():
     assert kept[off_stars].mean() > 0.95
     with pytest.raises(InputError, match="shape"):
         drop_coincident(plain, b[:-1])
+
+
+def test_sharpness_test_many_matches_one_by_one():
+    """The batched test of a tile's stamps gives each stamp the verdict of the
+    one-stamp test: stars, single-pixel hits and sources narrower than the PSF,
+    faint to bright, for narrow and broad PSFs."""
+    from zogy_stream.cosmics import _SharpnessTest, _validate
+
+    rng = np.random.default_rng(11)
+    for fwhm in (1.6, 3.0, 6.0):
+        side = 31
+        test = _SharpnessTest(_validate(np.zeros((side, side)), psf_array(fwhm, side),
+                                        None)[1], side)
+        c = side // 2
+        stamps = []
+        for k in range(90):
+            x, y = c + rng.uniform(-0.6, 0.6, 2)
+            flux = 10 ** rng.uniform(1.5, 4.0)
+            kind = k % 3
+            if kind == 0:
+                img = gaussian_stars((side, side), [x], [y], [flux], fwhm)
+            elif kind == 1:
+                img = np.zeros((side, side))
+                img[c, c] = flux / 5
+            else:
+                img = gaussian_stars((side, side), [x], [y], [flux], 0.5 * fwhm)
+            stamps.append(img + rng.normal(0.0, rng.uniform(1.0, 10.0), img.shape))
+        one = np.array([test(s) for s in stamps])
+        many = test.many(np.array(stamps))
+        assert 10 < one.sum() < 80  # both verdicts occur
+        np.testing.assert_array_equal(many, one)
+    assert test.many(np.zeros((0, side, side))).shape == (0,)
+    with pytest.raises(ValueError, match="shape"):
+        test.many(np.zeros((2, side - 2, side - 2)))
+
+
+def test_hot_pixel_candidate_flagged_sharp():
+    """Through the pipeline (cosmic-ray masking off): a single hot pixel in NEW is
+    a candidate flagged sharp, a real (PSF-shaped) transient is not."""
+    from zogy_stream import stream
+    from zogy_stream.products import FLAG_SHARP
+
+    rng = np.random.default_rng(2)
+    shape, fwhm = (200, 200), 3.0
+    ref = gaussian_stars(shape, [50.3, 150.2], [60.7, 140.1], [2e4, 3e4], fwhm)
+    new = ref + gaussian_stars(shape, [100.4], [80.6], [3000.0], fwhm)
+    new[150, 60] += 400.0  # a hot pixel: ~13 sigma at its peak in S_corr
+    new = new + rng.normal(0.0, 5.0, shape) + 100
+    ref = ref + rng.normal(0.0, 5.0, shape) + 100
+    psf = psf_array(fwhm, 21)
+    cands = [r.candidates for r in stream(new.astype(np.float32), ref.astype(np.float32),
+                                          new_psf=psf, ref_psf=psf, flux_ratio=1.0,
+                                          cosmic_rays="off", wisdom=False)]
+    from astropy.table import vstack
+
+    tab = vstack([c for c in cands if len(c)])
+    pos = tab[tab["sign"] > 0]
+    d_hot = np.hypot(pos["x"] - 60, pos["y"] - 150)
+    d_real = np.hypot(pos["x"] - 100.4, pos["y"] - 80.6)
+    hot, real = pos[np.argmin(d_hot)], pos[np.argmin(d_real)]
+    assert min(d_hot) < 1.5 and min(d_real) < 1.5
+    assert hot["sharp"] and hot["flags"] & FLAG_SHARP
+    assert not real["sharp"] and not real["flags"] & FLAG_SHARP

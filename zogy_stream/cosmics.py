@@ -705,6 +705,13 @@ class _PsfProfiles:
             spike = np.bincount(t, weights=delta)
             (r_delta, _, _), = _peak_ratios(spike[None], cnt, pprof, off, shifts)
             self.dirs.append((t, off, cnt, pprof, shifts, r_delta))
+        # per direction the (pixels, bins) 0/1 matrix: a stack of pixel rows times
+        # it is their profiles, as np.bincount makes one (for _SharpnessTest.many)
+        self.binnings = []
+        for t, _, cnt, *_ in self.dirs:
+            b = np.zeros((t.size, cnt.size))
+            b[np.arange(t.size), t] = 1.0
+            self.binnings.append(b)
 
 
 def _directional(stamp, psf, noise, profiles=None):
@@ -829,3 +836,47 @@ class _SharpnessTest:
             if idx > self.threshold and z > self.nsigma:
                 return True
         return False
+
+    def many(self, stamps) -> np.ndarray:
+        """The test for a stack of stamps ``(k, side, side)`` at once (float64,
+        finite, the noise from each stamp's own residuals): one array operation
+        per step for all of them instead of ~0.3 ms of small ones per stamp, so a
+        tile's vetting time does not grow with a crowd of candidates.  The same
+        arithmetic as :meth:`__call__` but for the order of some sums."""
+        st = np.asarray(stamps, dtype=np.float64)
+        k = st.shape[0]
+        pr = self.profiles
+        if st.ndim != 3 or st.shape[1:] != (pr.side, pr.side):
+            raise ValueError(f"stamps must have shape (k, {pr.side}, {pr.side}), got {st.shape}")
+        out = np.zeros(k, bool)
+        if k == 0:
+            return out
+        # per-stamp noise: robust scatter of the residuals of a fit A * psf + B
+        a = pr.fit_psf
+        m = int(round(math.sqrt(a.size)))
+        y = _centre_crop(st.transpose(1, 2, 0), m).reshape(a.size, k).T  # (k, m*m)
+        one = np.ones(a.size)
+        aa, ab, bb = float(a @ a), float(a @ one), float(one @ one)
+        det = aa * bb - ab * ab
+        if det > 1e-12 * aa * bb and det > 0:
+            ay, by = y @ a, y.sum(axis=1)
+            u, v = (bb * ay - ab * by) / det, (aa * by - ab * ay) / det
+        else:
+            coef, *_ = np.linalg.lstsq(np.column_stack([a, one]), y.T, rcond=None)
+            u, v = coef
+        res = y - u[:, None] * a - v[:, None]
+        var = mad_std(res, axis=1) ** 2  # (k,)
+        n = pr.n
+        sw = _centre_crop(st.transpose(1, 2, 0), n)[pr.window].T  # (k, pixels in window)
+        for (t, off, cnt, pprof, shifts, r_delta), onehot in zip(pr.dirs, pr.binnings):
+            if not (np.isfinite(r_delta) and r_delta > 1.0):
+                continue
+            for q, (r, excess, j) in enumerate(_peak_ratios(sw @ onehot, cnt, pprof, off,
+                                                            shifts)):
+                if not np.isfinite(r):
+                    continue
+                vj = var[q] * cnt[j]
+                z = excess / math.sqrt(vj) if vj > 0 else math.inf
+                if (r - 1.0) / (r_delta - 1.0) > self.threshold and z > self.nsigma:
+                    out[q] = True
+        return out

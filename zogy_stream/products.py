@@ -80,23 +80,14 @@ def annotate_candidates(cands: Table, mask_ext: np.ndarray, windows: dict, tile,
     if n:
         from .cosmics import _SharpnessTest, _validate
 
-        tests = {}
-
-        def sharper(st, positive):  # one test per sign and tile: the PSF's work done once
-            test = tests.get(positive)
-            if test is None:
-                psf = psf_n if positive else psf_r
-                c, h = psf.shape[0] // 2, st.shape[0] // 2
-                _, p, _ = _validate(st, psf[c - h:c + h + 1, c - h:c + h + 1], None)
-                test = tests[positive] = _SharpnessTest(p, st.shape[0])
-            return test(_validate(st, test.psf, None)[0])
-
-        ny, nx = mask_ext.shape
         r_near, r_sat = 2 * peak + 1, grow + 2 * peak
         v = tile.valid
+        yp = np.asarray(cands["y_peak"], np.int64)
+        xp = np.asarray(cands["x_peak"], np.int64)
+        positive = np.asarray(cands["sign"]) > 0
+        stamps = {True: ([], []), False: ([], [])}  # sign -> (candidate rows, stamps)
         for k in range(n):
-            i = int(cands["y_peak"][k]) - origin[0]
-            j = int(cands["x_peak"][k]) - origin[1]
+            i, j = int(yp[k]) - origin[0], int(xp[k]) - origin[1]
             box = mask_ext[max(0, i - r_near):i + r_near + 1, max(0, j - r_near):j + r_near + 1]
             if np.any(box & _NEAR_BITS):
                 flags[k] |= FLAG_NEAR_MASK
@@ -105,19 +96,30 @@ def annotate_candidates(cands: Table, mask_ext: np.ndarray, windows: dict, tile,
                 flags[k] |= FLAG_NEAR_SATURATED
             if mask_ext[i, j] & int(MaskBit.EDGE):
                 flags[k] |= FLAG_EDGE
-            positive = cands["sign"][k] > 0
-            img = windows["NEW"] if positive else windows["REF"]
-            psf = psf_n if positive else psf_r
-            h = min(psf.shape[0] // 2, 15)
-            st = _stamp(img, int(cands["y_peak"][k]) - v.y0, int(cands["x_peak"][k]) - v.x0, h)
+            pos = bool(positive[k])
+            img = windows["NEW"] if pos else windows["REF"]
+            h = min((psf_n if pos else psf_r).shape[0] // 2, 15)
+            st = _stamp(img, int(yp[k]) - v.y0, int(xp[k]) - v.x0, h)
             if st is not None:
-                edge = np.concatenate([st[0], st[-1], st[:, 0], st[:, -1]])
-                try:
-                    sharp[k] = bool(sharper(st - np.median(edge), positive))
-                except Exception as exc:  # never let a vetting aid stop the run
-                    log.debug("sharpness failed at candidate %d: %s", k, exc)
-            if sharp[k]:
-                flags[k] |= FLAG_SHARP
+                stamps[pos][0].append(k)
+                stamps[pos][1].append(st)
+        # the sharpness test of all stamps of one sign at once (one PSF, one side):
+        # ~0.05 against ~0.2-0.3 ms a candidate one by one
+        for pos, (rows, sts) in stamps.items():
+            if not rows:
+                continue
+            try:
+                stack = np.array(sts)
+                edge = np.concatenate([stack[:, 0], stack[:, -1], stack[:, :, 0],
+                                       stack[:, :, -1]], axis=1)
+                stack -= np.median(edge, axis=1)[:, None, None]
+                psf = psf_n if pos else psf_r
+                c, h = psf.shape[0] // 2, stack.shape[1] // 2
+                _, p, _ = _validate(stack[0], psf[c - h:c + h + 1, c - h:c + h + 1], None)
+                sharp[rows] = _SharpnessTest(p, stack.shape[1]).many(stack)
+            except Exception as exc:  # noqa: BLE001 - never let a vetting aid stop the run
+                log.debug("sharpness test failed for %d candidate(s): %s", len(rows), exc)
+        flags[sharp] |= FLAG_SHARP
     cands["flags"] = flags
     cands["sharp"] = sharp
     return ensure_columns(cands, zeropoint)
