@@ -156,18 +156,25 @@ class RealFFT2:
         self.spec = pyfftw.empty_aligned((n, ny, nx // 2 + 1), dtype=cdtype)
         flags = (effort, "FFTW_DESTROY_INPUT")
         t0 = time.perf_counter()
-        # One plan per plane, not one for the batch: a plane and its spectrum
-        # (9 MiB for 1080^2) stay in the L3 cache between FFTW's row and column
-        # passes, a batch of four (37 MiB) does not.  Two threads transforming
-        # tiles side by side (8192^2 benchmark tile): 31-33 against 34-39 ms
-        # per tile of four forward and four inverse transforms.  The planes are
-        # alike (shape, strides, alignment), so FFTW plans the problem once.
-        self._fwd = [pyfftw.FFTW(self.real[k], self.spec[k], axes=(-2, -1),
-                                 direction="FFTW_FORWARD", flags=flags, threads=threads)
-                     for k in range(n_forward)]
-        self._inv = [pyfftw.FFTW(self.spec[k], self.real[k], axes=(-2, -1),
-                                 direction="FFTW_BACKWARD", flags=flags, threads=threads)
-                     for k in range(n_inverse)]
+        # On one thread, one plan per plane: a plane and its spectrum (9 MiB at
+        # 1080^2) stay in the L3 cache between FFTW's row and column passes, a
+        # batch of four (37 MiB) does not.  Four forward and four inverse 1080^2
+        # transforms: 31 against 33 ms alone, 31-33 against 34-39 ms with two
+        # such threads side by side (as tiles run).  On more threads the batch
+        # plan: FFTW's threads then share whole planes (2 threads: 17-18 against
+        # 21 ms plane by plane).  The planes are alike (shape, strides,
+        # alignment), so FFTW plans one plane's problem once.
+        self.per_plane = int(threads) == 1
+        if self.per_plane:
+            fwd = [(self.real[k], self.spec[k]) for k in range(n_forward)]
+            inv = [(self.spec[k], self.real[k]) for k in range(n_inverse)]
+        else:
+            fwd = [(self.real[:n_forward], self.spec[:n_forward])]
+            inv = [(self.spec[:n_inverse], self.real[:n_inverse])]
+        self._fwd = [pyfftw.FFTW(a, b, axes=(-2, -1), direction="FFTW_FORWARD", flags=flags,
+                                 threads=threads) for a, b in fwd]
+        self._inv = [pyfftw.FFTW(a, b, axes=(-2, -1), direction="FFTW_BACKWARD", flags=flags,
+                                 threads=threads) for a, b in inv]
         self.plan_seconds = time.perf_counter() - t0
         self.n_forward, self.n_inverse = n_forward, n_inverse
 
