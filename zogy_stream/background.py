@@ -122,9 +122,50 @@ def _start_stats(img, good, y0, y1, x0, x1, step, saturation):
                 n += 1
     if n < 16:
         return 0.0, 0.0, 0
-    vals = buf[:n]
-    centre = np.median(vals)
-    return centre, np.median(np.abs(vals - centre)) * 1.482602218505602, n
+    centre = _median_inplace(buf, n)
+    for i in range(n):
+        buf[i] = abs(buf[i] - centre)
+    return centre, _median_inplace(buf, n) * 1.482602218505602, n
+
+
+@njit(cache=True, nogil=True)
+def _kth(a, n, k):
+    """The ``k``-th smallest (0-based) of ``a[:n]``, reordering ``a`` so that
+    every later element is >= it (quickselect, Hoare partition)."""
+    lo, hi = 0, n - 1
+    while hi > lo:
+        pivot = a[(lo + hi) >> 1]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return a[k]
+
+
+@njit(cache=True, nogil=True)
+def _median_inplace(a, n):
+    """``np.median(a[:n])`` (finite values), reordering ``a``.  Our own: Numba's
+    ``np.median`` took ~2.3 s of a cold start to compile, this ~0.2 s."""
+    half = n >> 1
+    if n & 1:
+        return _kth(a, n, half)
+    lo = _kth(a, n, half - 1)
+    hi = a[half]
+    for i in range(half + 1, n):
+        hi = min(hi, a[i])
+    return (lo + hi) / 2
 
 
 @njit(cache=True, nogil=True)
