@@ -225,10 +225,16 @@ def test_wisdom_written_then_reused(tmp_path):
     assert path.is_file() and path.stat().st_size > 100
     w = Wisdom(path)
     assert w.load() and w.loaded
-    # a corrupt file is ignored with a warning, never an error
+    # a corrupt file is ignored with a warning, never an error, and written anew
     path.write_bytes(b"garbage")
     for _ in stream(scene.new, scene.ref, **kw):
         pass
+    assert Wisdom(path).load()
+    # a new wisdom path is written even when this process already knows the plans
+    other = tmp_path / "other" / "wisdom.bin"
+    for _ in stream(scene.new, scene.ref, **dict(kw, wisdom=other)):
+        pass
+    assert Wisdom(other).load()
 
 
 
