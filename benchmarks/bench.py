@@ -224,7 +224,8 @@ def fft_bound(shape, *, threads: int, wisdom: Path, repeats: int, min_seconds: f
     round counts (the least disturbed by anything else on the machine).
 
     The plans are made as the engine makes them (float32, FFTW_MEASURE, same threads) after
-    importing the run's wisdom, so they are the plans the run used when its batch matches.
+    importing the run's wisdom: on ``threads`` threads for one tile (the batch plan when
+    threads > 1), where a run with two tiles at once gives each one thread.
     """
     import resource
 
