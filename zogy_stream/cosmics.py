@@ -840,7 +840,7 @@ class _SharpnessTest:
     def many(self, stamps) -> np.ndarray:
         """The test for a stack of stamps ``(k, side, side)`` at once (float64,
         finite, the noise from each stamp's own residuals): one array operation
-        per step for all of them instead of ~0.3 ms of small ones per stamp, so a
+        per step for all of them instead of ~0.2 ms of small ones per stamp, so a
         tile's vetting time does not grow with a crowd of candidates.  The same
         arithmetic as :meth:`__call__` but for the order of some sums."""
         st = np.asarray(stamps, dtype=np.float64)
