@@ -474,10 +474,9 @@ def _sharper_groups(crmask, data, psf, gain, read_noise):
                            / gain, 1e-30)
         if r not in profiles:  # the PSF's share of the test, once per stamp side
             q = p[h - r:h + r + 1, h - r:h + r + 1]
-            profiles[r] = (q / q.sum(), _PsfProfiles(q / q.sum(), 2 * r + 1))
-        keep[k] = any(index > _HIT_INDEX and z > _HIT_NSIGMA
-                      for index, z in _directional(st - sky, *profiles[r][:1], noise,
-                                                   profiles[r][1]))
+            profiles[r] = _PsfProfiles(q / q.sum(), 2 * r + 1)
+        index, z = _directional((st - sky)[None], noise[None], profiles[r])
+        keep[k] = bool(np.any((index > _HIT_INDEX) & (z > _HIT_NSIGMA)))
     return keep[lab]
 
 
@@ -643,12 +642,13 @@ def _peak_ratios(ys, cnt, pprof, centre, shifts=None):
 
 
 def _lsq2(a, b, y):
-    """Least-squares ``(u, v)`` of ``y ~ u * a + v * b`` (normal equations; a
-    rank-deficient design falls back to the minimum-norm solution)."""
+    """Least-squares ``(u, v)`` of ``y ~ u * a + v * b`` for each column of ``y``
+    (``(pixels,)`` or ``(pixels, k)``; normal equations, a rank-deficient design
+    falls back to the minimum-norm solution)."""
     aa, ab, bb = float(a @ a), float(a @ b), float(b @ b)
     det = aa * bb - ab * ab
     if det > 1e-12 * aa * bb and det > 0:
-        ay, by = float(a @ y), float(b @ y)
+        ay, by = a @ y, b @ y
         return np.array([(bb * ay - ab * by) / det, (aa * by - ab * ay) / det])
     coef, *_ = np.linalg.lstsq(np.column_stack([a, b]), y, rcond=None)
     return coef
@@ -706,7 +706,7 @@ class _PsfProfiles:
             (r_delta, _, _), = _peak_ratios(spike[None], cnt, pprof, off, shifts)
             self.dirs.append((t, off, cnt, pprof, shifts, r_delta))
         # per direction the (pixels, bins) 0/1 matrix: a stack of pixel rows times
-        # it is their profiles, as np.bincount makes one (for _SharpnessTest.many)
+        # it is their profiles, as np.bincount makes one
         self.binnings = []
         for t, _, cnt, *_ in self.dirs:
             b = np.zeros((t.size, cnt.size))
@@ -714,34 +714,47 @@ class _PsfProfiles:
             self.binnings.append(b)
 
 
-def _directional(stamp, psf, noise, profiles=None):
-    """Per direction: (index, significance of the peak excess).
+def _directional(stamps, noise, profiles):
+    """Per stamp and direction: the sharpness index and the significance of the peak excess.
 
-    ``profiles`` is ``_PsfProfiles(psf, stamp side)`` when already made."""
-    s = stamp
-    pr = profiles if profiles is not None else _PsfProfiles(psf, s.shape[0])
-    if pr.side != s.shape[0]:
-        raise ValueError(f"profiles made for stamps of side {pr.side}, got {s.shape[0]}")
-    n = pr.n
+    ``stamps`` is a stack ``(k, side, side)`` (float64, finite) for ``profiles``
+    (``_PsfProfiles(psf, side)``); ``noise`` is None (each stamp's robust scatter
+    about a fit ``A * psf + B``) or per-pixel 1-sigma values broadcastable to the
+    stack.  Returns ``(index, z)``, arrays ``(k, 4)``: NaN where a direction
+    gives no index (no positive PSF amplitude fits, or a spike would not stand
+    out).  One array operation per step for the whole stack: ~0.05 ms a stamp
+    in a tile's batch, against ~0.2 ms for stamps one by one.
+    """
+    pr = profiles
+    st = np.asarray(stamps, dtype=np.float64)
+    if st.ndim != 3 or st.shape[1:] != (pr.side, pr.side):
+        raise ValueError(f"profiles made for stamps of side {pr.side}, got shape {st.shape}")
+    k = st.shape[0]
+    cube = st.transpose(1, 2, 0)  # _centre_crop crops the first two axes
+    sw = _centre_crop(cube, pr.n)[pr.window].T  # (k, pixels of the window)
     if noise is None:
-        # robust per-pixel noise from the residuals of a 2-D fit A * psf + B
         a = pr.fit_psf
-        y = _centre_crop(s, int(round(math.sqrt(a.size)))).ravel()
-        coef = _lsq2(a, np.ones(a.size), y)
-        var = np.full((n, n), float(mad_std(y - coef[0] * a - coef[1])) ** 2)
+        y = _centre_crop(cube, int(round(math.sqrt(a.size)))).reshape(a.size, k)
+        u, v = _lsq2(a, np.ones(a.size), y)
+        var = mad_std(y - u * a[:, None] - v, axis=0) ** 2 if k else np.zeros(0)
+        vw = np.broadcast_to(var[:, None], sw.shape)
     else:
-        var = np.broadcast_to(noise, s.shape)
-        var = _centre_crop(np.asarray(var), n) ** 2
-    s = _centre_crop(s, n)
-    out = []
-    sw, vw = s[pr.window], var[pr.window]
-    for t, off, cnt, pprof, shifts, r_delta in pr.dirs:
-        vprof = np.bincount(t, weights=vw)
-        (r, excess, j), = _peak_ratios(np.bincount(t, weights=sw)[None], cnt, pprof, off, shifts)
-        if np.isfinite(r) and np.isfinite(r_delta) and r_delta > 1.0:
-            z = excess / np.sqrt(vprof[j]) if vprof[j] > 0 else np.inf
-            out.append(((r - 1.0) / (r_delta - 1.0), float(z)))
-    return out
+        nz = np.broadcast_to(np.asarray(noise, dtype=np.float64), st.shape).transpose(1, 2, 0)
+        vw = _centre_crop(nz, pr.n)[pr.window].T ** 2
+    index = np.full((k, len(pr.dirs)), np.nan)
+    z = np.full((k, len(pr.dirs)), np.nan)
+    if k == 0:
+        return index, z
+    for d, ((_, off, cnt, pprof, shifts, r_delta), onehot) in enumerate(zip(pr.dirs,
+                                                                             pr.binnings)):
+        if not (np.isfinite(r_delta) and r_delta > 1.0):
+            continue
+        vprof = vw @ onehot
+        for q, (r, excess, j) in enumerate(_peak_ratios(sw @ onehot, cnt, pprof, off, shifts)):
+            if np.isfinite(r):
+                index[q, d] = (r - 1.0) / (r_delta - 1.0)
+                z[q, d] = excess / math.sqrt(vprof[q, j]) if vprof[q, j] > 0 else math.inf
+    return index, z
 
 
 def sharpness(stamp, psf) -> float:
@@ -780,8 +793,9 @@ def sharpness(stamp, psf) -> float:
         Non-square, even-sized, non-finite inputs, or a side smaller than 3.
     """
     s, p, _ = _validate(stamp, psf, None)
-    stats = _directional(s, p, np.float64(1.0))
-    return float(max(i for i, _ in stats)) if stats else float("nan")
+    index = _directional(s[None], 1.0, _PsfProfiles(p, s.shape[0]))[0][0]
+    index = index[np.isfinite(index)]
+    return float(index.max()) if index.size else float("nan")
 
 
 def sharper_than_psf(stamp, psf, *, threshold=0.3, nsigma=4.0, noise=None) -> bool:
@@ -832,51 +846,12 @@ class _SharpnessTest:
         self.threshold, self.nsigma = threshold, nsigma
 
     def __call__(self, stamp, noise=None) -> bool:
-        for idx, z in _directional(stamp, self.psf, noise, self.profiles):
-            if idx > self.threshold and z > self.nsigma:
-                return True
-        return False
+        return bool(self.many(np.asarray(stamp, dtype=np.float64)[None], noise)[0])
 
-    def many(self, stamps) -> np.ndarray:
+    def many(self, stamps, noise=None) -> np.ndarray:
         """The test for a stack of stamps ``(k, side, side)`` at once (float64,
-        finite, the noise from each stamp's own residuals): one array operation
-        per step for all of them instead of ~0.2 ms of small ones per stamp, so a
-        tile's vetting time does not grow with a crowd of candidates.  The same
-        arithmetic as :meth:`__call__` but for the order of some sums."""
-        st = np.asarray(stamps, dtype=np.float64)
-        k = st.shape[0]
-        pr = self.profiles
-        if st.ndim != 3 or st.shape[1:] != (pr.side, pr.side):
-            raise ValueError(f"stamps must have shape (k, {pr.side}, {pr.side}), got {st.shape}")
-        out = np.zeros(k, bool)
-        if k == 0:
-            return out
-        # per-stamp noise: robust scatter of the residuals of a fit A * psf + B
-        a = pr.fit_psf
-        m = int(round(math.sqrt(a.size)))
-        y = _centre_crop(st.transpose(1, 2, 0), m).reshape(a.size, k).T  # (k, m*m)
-        one = np.ones(a.size)
-        aa, ab, bb = float(a @ a), float(a @ one), float(one @ one)
-        det = aa * bb - ab * ab
-        if det > 1e-12 * aa * bb and det > 0:
-            ay, by = y @ a, y.sum(axis=1)
-            u, v = (bb * ay - ab * by) / det, (aa * by - ab * ay) / det
-        else:
-            coef, *_ = np.linalg.lstsq(np.column_stack([a, one]), y.T, rcond=None)
-            u, v = coef
-        res = y - u[:, None] * a - v[:, None]
-        var = mad_std(res, axis=1) ** 2  # (k,)
-        n = pr.n
-        sw = _centre_crop(st.transpose(1, 2, 0), n)[pr.window].T  # (k, pixels in window)
-        for (t, off, cnt, pprof, shifts, r_delta), onehot in zip(pr.dirs, pr.binnings):
-            if not (np.isfinite(r_delta) and r_delta > 1.0):
-                continue
-            for q, (r, excess, j) in enumerate(_peak_ratios(sw @ onehot, cnt, pprof, off,
-                                                            shifts)):
-                if not np.isfinite(r):
-                    continue
-                vj = var[q] * cnt[j]
-                z = excess / math.sqrt(vj) if vj > 0 else math.inf
-                if (r - 1.0) / (r_delta - 1.0) > self.threshold and z > self.nsigma:
-                    out[q] = True
-        return out
+        finite; ``noise`` as for :func:`_directional`): one array operation per
+        step for all of them, so a tile's vetting time does not grow with a crowd
+        of candidates."""
+        index, z = _directional(stamps, noise, self.profiles)
+        return np.any((index > self.threshold) & (z > self.nsigma), axis=1)
