@@ -573,3 +573,20 @@ def test_subtract_starts_without_the_daemon_or_scipy_optimize(tmp_path):
     r = subprocess.run([sys.executable, "-m", "zogy_stream.cli", "-h", "subtract"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "daemon" in r.stdout and "requeue" in r.stdout, r.stderr
+
+
+def test_png_without_matplotlib(scene, tmp_path, capsys, monkeypatch):
+    """--png where matplotlib is not installed: one line naming the fix, exit 2, checked
+    before any work (so nothing is written)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    o = tmp_path / "out"
+    o.mkdir()
+    rc = main(args(scene, o / "d.fits", "--png", o / "q.png", "--quiet"))
+    cap = capsys.readouterr()
+    assert rc == 2
+    lines = cap.err.strip("\n").splitlines()
+    assert len(lines) == 1 and "--png needs matplotlib" in lines[0], cap.err
+    assert "pip install" in lines[0]
+    assert listing(o) == []
