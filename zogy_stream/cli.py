@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -334,10 +335,15 @@ def _one_blas_thread() -> None:
     candidate's profile fits), but their idle worker threads spin after each
     call, beside the tile threads that own the cores (measured at 8192²:
     ``blas_thread_server`` 2.5 % of all CPU samples; the run 0.2 s faster
-    without, 4.00-4.15 against 4.26-4.42 s).
+    without, 4.00-4.15 against 4.26-4.42 s).  threadpoolctl limits the
+    libraries loaded now (numpy's); scipy loads its own OpenBLAS where
+    scipy.linalg is first used, and reads ``OPENBLAS_NUM_THREADS`` then (its
+    threads were 2.7 % of the CPU samples of an 8192² run until this was set).
+    Child processes (a local Dask cluster's workers) inherit that setting.
     """
     from threadpoolctl import threadpool_limits
 
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
     threadpool_limits(limits=1, user_api="blas")
 
 
