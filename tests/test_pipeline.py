@@ -237,6 +237,31 @@ def test_wisdom_written_then_reused(tmp_path):
     assert Wisdom(other).load()
 
 
+def test_unwritable_wisdom_warns_once_per_process(tmp_path):
+    """A wisdom file that cannot be written: a warning naming the fix in the run
+    that planned (what it learned is lost), a debug message only in later runs of
+    the same process that knew their plans (a daemon's jobs), no error."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    code = (
+        "import logging, sys; from zogy_stream import stream; "
+        "from zogy_stream.simulate import make_scene; "
+        "logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format='%(levelname)s %(message)s'); "
+        "logging.getLogger('numba').setLevel(logging.WARNING); "
+        "sc = make_scene((256, 256), seed=2, n_transients=0); "
+        f"kw = dict(new_psf=sc.new_psf, ref_psf=sc.ref_psf, tile=200, wisdom={str(blocker / 'w.bin')!r}); "
+        "[None for run in range(3) for _ in stream(sc.new, sc.ref, **kw)]")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    saves = [ln for ln in r.stdout.splitlines() if "could not save FFTW wisdom" in ln]
+    assert len(saves) == 3, r.stdout  # every run tries (the file is missing) ...
+    assert saves[0].startswith("WARNING") and "--wisdom" in saves[0]
+    assert all(s.startswith("DEBUG") for s in saves[1:])  # ... but warns once
+
+
 
 def test_pyfftw_imported_without_its_unused_backends():
     """A fresh process importing zogy_stream does not pay for pyfftw's scipy.fftpack

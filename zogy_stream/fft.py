@@ -102,8 +102,14 @@ class Wisdom:
         log.debug("imported FFTW wisdom from %s", self.path)
         return True
 
-    def save(self) -> bool:
-        """Write all wisdom of this process atomically (temporary file + rename)."""
+    def save(self, *, learned: bool = True) -> bool:
+        """Write all wisdom of this process atomically (temporary file + rename).
+
+        A failure is a warning when this run's planner ``learned`` something
+        that would be lost, else a debug message: a process that knew its plans
+        already (a daemon's later jobs, with a file it cannot write) loses
+        nothing it has, and is not told so again for every job.
+        """
         if self.path is None:
             return False
         parts = pyfftw.export_wisdom()
@@ -115,7 +121,10 @@ class Wisdom:
                 fh.write(blob)
             os.replace(tmp, self.path)
         except OSError as exc:
-            log.warning("could not save FFTW wisdom to %s (%s)", self.path, exc)
+            (log.warning if learned else log.debug)(
+                "could not save FFTW wisdom to %s (%s): later runs plan their FFTs afresh; "
+                "point --wisdom (or $%s) at a writable file", self.path,
+                exc.strerror or exc, WISDOM_ENV)
             return False
         log.debug("saved FFTW wisdom to %s", self.path)
         return True

@@ -466,10 +466,13 @@ class TileEngine:
                                   image_space=o.image_space, radius=plan.kernel_radius,
                                   threads=self.threads, effort=o.fft_effort)
         self.timings["plan"] += time.perf_counter() - t0
-        if wisdom is not None and (not wisdom.loaded or pyfftw.export_wisdom() != known):
-            # the planner learned something, or the file is missing or unreadable (the
-            # process may know the plans from an earlier run): keep it for the next run
-            wisdom.save()
+        if wisdom is not None:
+            learned = pyfftw.export_wisdom() != known
+            if learned or not wisdom.loaded:
+                # the planner learned something, or the file is missing or unreadable
+                # (the process may know the plans from an earlier run): keep it for
+                # the next run
+                wisdom.save(learned=learned)
         self.kernels = KernelCache(plan.grid.size, dtype=np.float32)
         self.mesh_new = MeshBackground(self.readers["NEW"], cell=o.bkg_mesh,
                                        saturation=plan.saturation[0], subtract=o.background,
