@@ -583,12 +583,6 @@ def test_flux_ratio_from_a_few_stars(n_stars, caplog):
     import logging
 
     from conftest import add_source, gaussian
-
-try:  # the quick-look is an optional extra (zogy-stream[plot]; in [test] too)
-    import matplotlib  # noqa: F401
-    HAVE_MPL = True
-except ImportError:
-    HAVE_MPL = False
     from zogy_stream import calibrate as cb
     from zogy_stream.stars import find_stars
     from zogy_stream.tiles import Box
@@ -662,12 +656,6 @@ def test_moffat_fallback_ignores_regions_whose_stars_are_galaxies():
     takes for stars.  The Moffat PSF is the stars' (the star-weighted mean of the two
     regions' fits, used before, was ~6 px)."""
     from conftest import add_source, gaussian
-
-try:  # the quick-look is an optional extra (zogy-stream[plot]; in [test] too)
-    import matplotlib  # noqa: F401
-    HAVE_MPL = True
-except ImportError:
-    HAVE_MPL = False
     from zogy_stream import calibrate as cb
     from zogy_stream.psf import psf_fwhm
     from zogy_stream.stars import background_maps, find_stars
