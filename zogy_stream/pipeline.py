@@ -34,7 +34,7 @@ from astropy.io import fits
 from . import _numba as nk
 from .background import MeshBackground, tile_stats
 from .catalog import candidate_table, find_candidates, write_catalog
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, ProcessingError
 from .fft import Wisdom, default_wisdom_path, pyfftw
 from .fitsio import ImageReader, OutputFile, Plane, wcs_cards
 from .masks import EXCLUDE_CANDIDATE, MaskBit
@@ -348,15 +348,29 @@ def _calibrate(inputs: Inputs, opts: Options, readers, shape, sat, gain, *,
             _region_stars(cb, readers, label, boxes, sat[k], gain[k], cosmics[k], sigma[k],
                           read_noise[k]) for k, label in enumerate(("NEW", "REF")))
         cb.drop_extended_matches(regions_n, regions_r)
-    if src_n is None:
-        src_n = cb.estimate_global_psf(regions_n, "NEW", saturation=sat[0],
-                                       psf_size=opts.psf_size, local=opts.local_psf, shape=shape)
-    if src_r is None:
-        src_r = cb.estimate_global_psf(regions_r, "REF", saturation=sat[1],
-                                       psf_size=opts.psf_size, local=opts.local_psf, shape=shape)
+    errors = [None, None]
+    srcs = [src_n, src_r]
+    for k, label in enumerate(("NEW", "REF")):
+        if srcs[k] is None:
+            try:
+                srcs[k] = cb.estimate_global_psf((regions_n, regions_r)[k], label,
+                                                 saturation=sat[k], psf_size=opts.psf_size,
+                                                 local=opts.local_psf, shape=shape)
+            except ProcessingError as exc:
+                errors[k] = exc
+    if any(s is None or s.moffat is not None for s in srcs):
+        # star-poor: fit through the other image's PSF, whose sources show this one's too
+        srcs = cb.fill_psfs_through_other(*srcs, regions_n, regions_r, errors=errors,
+                                          gains=gain, psf_size=opts.psf_size)
+    src_n, src_r = srcs
     if src_n.moffat is not None or src_r.moffat is not None:  # star-poor: share the shape
         src_n, src_r = cb.share_moffat_beta(src_n, src_r, regions_n, regions_r,
                                             saturation=sat, psf_size=opts.psf_size)
+        for src in (src_n, src_r):
+            if src.moffat is not None:
+                log.warning("%s: too few stars for an empirical PSF; using a Moffat profile "
+                            "(FWHM %.2f px, beta %.2f) fitted to %d star(s) of S/N >= %g",
+                            src.label, *src.moffat)
     if fr_auto:
         fr, fr_err, _, fr_src = cb.fit_global_flux_ratio(regions_n, regions_r,
                                                          psfs=(src_n, src_r), gains=gain)
@@ -1262,6 +1276,10 @@ def output_header(plan: RunPlan) -> fits.Header:
          "PSF of new: image, psfex or auto (estimated)"),
         ("RPSFSRC", plan.psf_sources[1].kind if plan.psf_sources[1] else "image",
          "PSF of ref: image, psfex or auto (estimated)"),
+        ("NPSFHOW", plan.psf_sources[0].method if plan.psf_sources[0] else "given",
+         "auto PSF of new: stars, moffat, cross"),
+        ("RPSFHOW", plan.psf_sources[1].method if plan.psf_sources[1] else "given",
+         "auto PSF of ref: stars, moffat, cross"),
         ("FLUXRAT", plan.flux_ratio, "F_n/F_r used (F_r = 1)"),
         ("FLUXRERR", plan.flux_ratio_err if math.isfinite(plan.flux_ratio_err) else -1.0,
          "error of FLUXRAT (-1: not fitted)"),
