@@ -214,3 +214,21 @@ def test_which_psfs_are_fitted_through_the_other(monkeypatch):
     err = ProcessingError("cannot estimate the PSF of NEW: only 0 usable stars; give --new-psf")
     with pytest.raises(ProcessingError, match="only 0 usable stars; give --new-psf"):
         fill(None, None, regions, regions, errors=(err, None))
+
+
+def test_fitted_through_an_even_oblong_given_psf(star_poor):
+    """A given PSF image may be even-sized and oblong; the fit embeds it on an odd square
+    grid (it crashed on a shape mismatch before) and still finds REF's width."""
+    from zogy_stream.options import Options
+    from zogy_stream.pipeline import Inputs, plan_run
+    from zogy_stream.psf import psf_fwhm
+
+    _, p = star_poor
+    true_new = fits.getdata(p["new_psf"])
+    c = true_new.shape[0] // 2
+    assert c >= 12
+    oblong = np.ascontiguousarray(true_new[c - 10:c + 10, c - 12:c + 12])  # 20 x 24
+    plan = plan_run(Inputs(new=p["new"], ref=p["ref"], new_psf=oblong), Options(wisdom=False))
+    src = plan.psf_sources[1]
+    assert src.method == "cross"
+    assert psf_fwhm(src.psf) == pytest.approx(psf_fwhm(fits.getdata(p["ref_psf"])), rel=0.10)

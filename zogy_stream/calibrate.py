@@ -540,7 +540,7 @@ def _model_psf_source(regions, label: str, *, sat, psf_size, local,
     # replace it)
     log.info("%s: too few stars for an empirical PSF; Moffat profile (FWHM %.2f px, "
              "beta %.2f%s) fitted to %d star(s) of S/N >= %g", label, fwhm, beta,
-                "" if beta_fixed is None else " given", n_used, snr_min)
+             "" if beta_fixed is None else " given", n_used, snr_min)
     return PsfSource(label, "auto", psf, psf, size=size, local=False, n_stars=n_used,
                      moffat=(fwhm, beta, n_used, snr_min), method="moffat")
 
@@ -699,9 +699,9 @@ def cross_psf_source(weak_label: str, regions_u, regions_k, known: PsfSource, *,
         Too few matched sources, or they do not constrain the FWHM.
     """
     from .crosspsf import MIN_SOURCES, fit_cross_psf
-    from .stars import moffat_image
+    from .stars import _odd, moffat_image
 
-    psf_k = known.psf / np.sum(known.psf)
+    psf_k = odd_square(known.psf / np.sum(known.psf))  # given PSFs may be even or oblong
     fw_k = psf_fwhm(psf_k)
     beta = known.moffat[1] if known.moffat is not None else _moffat_beta_of(psf_k)
     if beta is None or not 1.0 < beta < 1e3:
@@ -729,17 +729,17 @@ def cross_psf_source(weak_label: str, regions_u, regions_k, known: PsfSource, *,
             reason = f"the sharpest matched source ({hi / 1.2:.2f} px) leaves no FWHM to fit"
             continue
         try:
-            fit = fit_cross_psf(k, u, vk, vu, pad_psf(psf_k, psf_k.shape[0]), half=half,
-                                beta=float(beta), fwhm_bounds=(lo, hi), size=size)
+            fit = fit_cross_psf(k, u, vk, vu, psf_k, half=half, beta=float(beta),
+                                fwhm_bounds=(lo, hi), size=size)
         except ProcessingError as exc:
             reason = str(exc)
             continue
         fwhm = fit["fwhm"]
         out_size = psf_size or int(np.clip(_odd(6.0 * fwhm), 15, 63))
         psf = moffat_image(fwhm, float(beta), out_size)
-        log.warning("%s: too few stars of its own; PSF fitted through %s's PSF to %d source(s) matched "
-                    "in both images (S/N >= %g, %d rejected): Moffat FWHM %.2f +- %.2f px, "
-                    "beta %.2f", weak_label, known.label, fit["n_sources"], snr_min,
+        log.warning("%s: too few stars of its own; PSF fitted through %s's PSF to %d "
+                    "source(s) matched in both images (S/N >= %g, %d rejected): Moffat FWHM "
+                    "%.2f +- %.2f px, beta %.2f", weak_label, known.label, fit["n_sources"], snr_min,
                     fit["n_rejected"], fwhm, fit["fwhm_err"], beta)
         return PsfSource(weak_label, "auto", psf, psf, size=out_size, local=False,
                          n_stars=int(fit["n_sources"]), method="cross")
@@ -750,10 +750,6 @@ def cross_psf_source(weak_label: str, regions_u, regions_k, known: PsfSource, *,
 def _weak_moffat(m) -> bool:
     """A Moffat fallback ``(fwhm, beta, n_stars, snr_min)`` of few or faint stars."""
     return m[2] < SHAPE_MIN_STARS or m[3] < MODEL_STAR_SNR[0]
-
-
-def _odd(v: float) -> int:
-    return int(round(v)) // 2 * 2 + 1
 
 
 def fill_psfs_through_other(src_n: PsfSource | None, src_r: PsfSource | None,
@@ -855,16 +851,22 @@ def _region_psf(src: PsfSource | None, region: RegionStars) -> np.ndarray | None
         b = region.box
         return src.model.evaluate(0.5 * (b.x0 + b.x1 - 1), 0.5 * (b.y0 + b.y1 - 1),
                                   size=src.size)
-    psf = src.psf
-    if psf.shape[0] % 2 == 0 or psf.shape[0] != psf.shape[1]:
-        # odd and square, the centre pixel (ny // 2, nx // 2) kept in the middle
-        ny, nx = psf.shape
-        n = max(ny, nx) // 2 * 2 + 1
-        out = np.zeros((n, n))
-        y0, x0 = n // 2 - ny // 2, n // 2 - nx // 2
-        out[y0:y0 + ny, x0:x0 + nx] = psf
-        psf = out
-    return psf
+    return odd_square(src.psf)
+
+
+def odd_square(psf: np.ndarray) -> np.ndarray:
+    """``psf`` on an odd square grid, its centre pixel ``(ny // 2, nx // 2)`` in the middle.
+
+    Given PSF images may be even-sized or rectangular; nothing is cropped.
+    """
+    if psf.shape[0] % 2 == 1 and psf.shape[0] == psf.shape[1]:
+        return psf
+    ny, nx = psf.shape
+    n = max(ny, nx) // 2 * 2 + 1
+    out = np.zeros((n, n))
+    y0, x0 = n // 2 - ny // 2, n // 2 - nx // 2
+    out[y0:y0 + ny, x0:x0 + nx] = psf
+    return out
 
 
 def _common_star_psfs(rn: RegionStars, rr: RegionStars
