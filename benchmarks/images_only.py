@@ -68,8 +68,9 @@ def main(argv=None) -> int:
         st = r["stages"]
         print(f"{args.size}^2 run {i + 1}: wall {r['wall']:.2f} s ({mpix / r['wall']:.2f} "
               f"Mpix/s), CPU {r['cpu']:.1f} s; cosmics {st.get('cosmics', 0):.2f} s, "
-              f"psf+stars {st.get('psf+stars', 0):.2f} s, read+stats "
-              f"{st.get('read+stats', 0):.2f} s (stages of the reader thread)", flush=True)
+              f"psf+stars {st.get('psf+stars', 0):.2f} s, calibrate "
+              f"{st.get('calibrate', 0):.2f} s, read+stats {st.get('read+stats', 0):.2f} s "
+              "(summed over threads)", flush=True)
     return 0
 
 

@@ -882,3 +882,30 @@ def test_reader_thread_runs_no_parallel_kernel(monkeypatch):
     names = {n for n, _ in called}
     assert {"_mesh_rows", "_lacosmic_seeds"} <= names, names
     assert not [n for n, par in called if par]
+
+
+def test_tile_calibration_in_the_processing_contexts(tmp_path):
+    """With tiles processed at once and costly per-tile calibration (here L.A.Cosmic
+    on both images), each tile is calibrated by the context that processes it
+    instead of one by one in the reader thread: the same masks, cosmic-ray counts
+    and products, byte for byte, as one tile at a time."""
+    from zogy_stream import subtract
+    from zogy_stream.simulate import make_scene
+
+    sc = make_scene((512, 512), seed=7, n_transients=6, star_density=1500,
+                    star_flux=(300, 3e5))
+    new = sc.new.copy()
+    rng = np.random.default_rng(7)
+    for y, x in rng.integers(20, 490, size=(12, 2)):  # 2x2 cosmic-ray hits
+        new[y:y + 2, x:x + 2] += 40 * sc.meta["sigma_new"]
+    kw = dict(new_psf=sc.new_psf, ref_psf=sc.ref_psf, new_var=sc.new_var, ref_var=sc.ref_var,
+              flux_ratio=sc.meta["flux_ratio"], tile=128, wisdom=False, cosmic_rays="on")
+    one = subtract(new, sc.ref, tmp_path / "one.fits", parallel_tiles=1, threads=1, **kw)
+    two = subtract(new, sc.ref, tmp_path / "two.fits", parallel_tiles=2, threads=2, **kw)
+    assert "calibrate" not in one.timings and one.timings["cosmics"] > 0
+    assert two.timings["calibrate"] >= two.timings["cosmics"] > 0
+    with fits.open(tmp_path / "one.fits") as a, fits.open(tmp_path / "two.fits") as b:
+        assert (a["MASK"].data & int(MaskBit.COSMIC) != 0).sum() >= 12 * 4
+        for name in ("D", "S", "SCORR", "FLUX", "FLUX_ERR", "MASK"):
+            np.testing.assert_array_equal(b[name].data, a[name].data)
+        assert a[0].header["NCOSMIC"] == b[0].header["NCOSMIC"] >= 12 * 4

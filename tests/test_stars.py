@@ -517,3 +517,19 @@ def test_cross_convolved_photometry_of_galaxies():
     with pytest.raises(InputError, match="one shape"):
         cross_convolved_photometry(new, ref[:-1], psf_n, psf_r, xy, xy, radius,
                                    rms_new=2.0, rms_ref=2.0)
+
+
+def test_convolve_same_matches_scipy_signal():
+    """The cross-convolution's FFT convolution gives fftconvolve's 'same' output."""
+    from scipy.signal import fftconvolve
+
+    from zogy_stream.stars import _convolve_same
+
+    rng = np.random.default_rng(3)
+    for shape, ks in (((64, 50), (7, 7)), ((33, 81), (11, 5)), ((40, 40), (1, 1))):
+        img = rng.normal(size=shape).astype(np.float32)
+        ker = rng.random(ks).astype(np.float32)
+        got = _convolve_same(img, ker)
+        assert got.shape == img.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, fftconvolve(img, ker, mode="same"), rtol=0,
+                                   atol=2e-6 * np.abs(got).max())

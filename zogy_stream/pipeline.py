@@ -408,7 +408,7 @@ class _Loaded:
     tile: Tile
     windows: dict
     stats: tuple
-    extra: dict = field(default_factory=dict)
+    extra: dict | None = field(default_factory=dict)  # None: not yet calibrated
     buffers: list = field(default_factory=list)  # of the engine's window pool
 
 
@@ -536,12 +536,14 @@ class TileEngine:
 
     # reading happens in a background thread: no shared mutable state here
     # (but the thread-safe window pool)
-    def load(self, tile: Tile) -> _Loaded:
+    def load(self, tile: Tile, *, calibrate: bool = True) -> _Loaded:
         """Read the in-image part of a tile's window from every input.
 
         The windows are in buffers of the engine's pool: hand them back with
         :meth:`release` once :meth:`process` is done with them (else they are
-        simply garbage-collected).
+        simply garbage-collected).  With ``calibrate=False`` the tile's own
+        calibration (masks, cosmic rays, local PSFs, local flux ratio) is left
+        to :meth:`process`, i.e. to the thread that processes the tile.
         """
         t0 = time.perf_counter()
         p = self.plan
@@ -555,7 +557,7 @@ class TileEngine:
             kind = p.inputs.noise(img)
             if kind in ("weight", "err"):  # unusable weights/errors mask via a NaN variance
                 win[f"--{img}-var"] = _as_variance(kind, win.pop(f"--{img}-{kind}"))
-        extra = self._tile_calibration(tile, win)
+        extra = self._tile_calibration(tile, win) if calibrate else None
         stats = []
         ly, lx = p.grid.size
         for mesh, var in ((self.mesh_new, win.get("--new-var")), (self.mesh_ref, win.get("--ref-var"))):
@@ -574,6 +576,15 @@ class TileEngine:
             mesh.warm(tile.window.y1 + p.grid.core_shape[0] + mesh.cell)
         self.timings["read+stats"] += time.perf_counter() - t0
         return _Loaded(tile, win, tuple(stats), extra, pooled)
+
+    @property
+    def heavy_calibration(self) -> bool:
+        """Whether each tile's calibration is costly: cosmic rays, local PSFs or
+        a local flux ratio (seconds per tile, against milliseconds of masks)."""
+        p = self.plan
+        return bool(any(p.cosmics) or p.local_flux_ratio
+                    or any(s is not None and s.kind == "auto" and s.local
+                           for s in p.psf_sources))
 
     def warm_kernels(self) -> None:
         """Build the kernel set of the mosaic-wide PSFs, flux ratio and noise levels.
@@ -601,7 +612,7 @@ class TileEngine:
         self._windows.give(buffers)
 
     def _tile_calibration(self, tile: Tile, win: dict) -> dict:
-        """Per-tile masks (bleed, cosmic rays), PSFs and flux ratio (reader thread)."""
+        """Per-tile masks (bleed, cosmic rays), PSFs and flux ratio (see :meth:`load`)."""
         p = self.plan
         extra: dict = {}
         bits = None
@@ -738,6 +749,10 @@ class TileEngine:
         w = loaded.windows
         (rows_n, xi_n, xw_n, sig_n, bkg_n), (rows_r, xi_r, xw_r, sig_r, bkg_r) = loaded.stats
         tim = self.timings
+        if loaded.extra is None:
+            t0 = time.perf_counter()
+            loaded.extra = self._tile_calibration(tile, w)
+            tim["calibrate"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         ex = loaded.extra
         psf_n, psf_r = ex.get("psf", (p.new_psf, p.ref_psf))
@@ -1099,10 +1114,15 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
     idle: list = []  # compute contexts without a tile
     it = enumerate(tiles)
 
+    # a tile's own calibration (cosmic rays, local PSFs; ~1 s a 1024^2 tile) in the
+    # context that processes it, so that n tiles calibrate at once, not one by one
+    # in the reader thread
+    calibrate = not (n > 1 and engine.heavy_calibration)
+
     def read_next():
         nxt = next(it, None)
         if nxt is not None:
-            loads.append((nxt[0], reader.submit(engine.load, nxt[1])))
+            loads.append((nxt[0], reader.submit(engine.load, nxt[1], calibrate=calibrate)))
 
     def start(limit: int) -> None:
         """Loaded tiles numbered below ``limit`` onto idle contexts, in order."""

@@ -1295,6 +1295,18 @@ def _fill_small_holes(img: np.ndarray, holes: np.ndarray, size: int = 7,
     return out, big
 
 
+def _convolve_same(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Linear convolution of ``img`` with an odd-sided ``kernel``, cropped to
+    ``img``'s shape and centred (``scipy.signal.fftconvolve(..., mode="same")``,
+    the same values, without importing scipy.signal: 0.35-0.55 s of a run)."""
+    from scipy import fft
+
+    shape = [fft.next_fast_len(a + b - 1, real=True) for a, b in zip(img.shape, kernel.shape)]
+    full = fft.irfft2(fft.rfft2(img, shape) * fft.rfft2(kernel, shape), shape)
+    y0, x0 = (kernel.shape[0] - 1) // 2, (kernel.shape[1] - 1) // 2
+    return full[y0:y0 + img.shape[0], x0:x0 + img.shape[1]]
+
+
 def cross_convolved_photometry(new, ref, new_psf, ref_psf, xy_new, xy_ref, radius, *,
                                rms_new, rms_ref, mask_new=None, mask_ref=None,
                                fill_new=None, fill_ref=None
@@ -1345,8 +1357,6 @@ def cross_convolved_photometry(new, ref, new_psf, ref_psf, xy_new, xy_ref, radiu
     InputError
         Images of different shapes, invalid PSFs or positions.
     """
-    from scipy.signal import fftconvolve
-
     imgs = [_as_image(new, "new").astype(np.float64), _as_image(ref, "ref").astype(np.float64)]
     if imgs[0].shape != imgs[1].shape:
         raise InputError(f"new and ref must have one shape (got {imgs[0].shape} and "
@@ -1393,8 +1403,8 @@ def cross_convolved_photometry(new, ref, new_psf, ref_psf, xy_new, xy_ref, radiu
         var = _as_plane(rms, shape, "rms", positive=True)
         var = var * var if np.ndim(var) == 0 else np.ascontiguousarray(var ** 2)
         # float32: half the time of float64, ~1e-7 of the brightest pixel per sum
-        conv = fftconvolve(np.where(bad, 0.0, img).astype(np.float32),
-                           other.astype(np.float32), mode="same").astype(np.float64)
+        conv = _convolve_same(np.where(bad, 0.0, img).astype(np.float32),
+                              other.astype(np.float32)).astype(np.float64)
         # a bad pixel spoils the convolved image within the PSF's half-size (a square
         # maximum filter is separable: far cheaper than a dilation with a big structure)
         spread = ndimage.maximum_filter(bad, size=2 * h + 1) if bad.any() else bad
