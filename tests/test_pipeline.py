@@ -884,11 +884,15 @@ def test_reader_thread_runs_no_parallel_kernel(monkeypatch):
     assert not [n for n, par in called if par]
 
 
-def test_tile_calibration_in_the_processing_contexts(tmp_path):
+def test_tile_calibration_in_the_processing_contexts(tmp_path, monkeypatch):
     """With tiles processed at once and costly per-tile calibration (here L.A.Cosmic
     on both images), each tile is calibrated by the context that processes it
     instead of one by one in the reader thread: the same masks, cosmic-ray counts
     and products, byte for byte, as one tile at a time."""
+    import threading
+
+    from zogy_stream import _numba as nk
+    from zogy_stream import pipeline as pl
     from zogy_stream import subtract
     from zogy_stream.simulate import make_scene
 
@@ -900,12 +904,34 @@ def test_tile_calibration_in_the_processing_contexts(tmp_path):
         new[y:y + 2, x:x + 2] += 40 * sc.meta["sigma_new"]
     kw = dict(new_psf=sc.new_psf, ref_psf=sc.ref_psf, new_var=sc.new_var, ref_var=sc.ref_var,
               flux_ratio=sc.meta["flux_ratio"], tile=128, wisdom=False, cosmic_rays="on")
+    where: list = []  # (thread name, tile index) of every tile calibration
+    real = pl.TileEngine._tile_calibration
+
+    def spy(self, tile, win):
+        where.append((threading.current_thread().name, tile.index))
+        return real(self, tile, win)
+
+    monkeypatch.setattr(pl.TileEngine, "_tile_calibration", spy)
     one = subtract(new, sc.ref, tmp_path / "one.fits", parallel_tiles=1, threads=1, **kw)
+    assert {t for t, _ in where} == {"zogy-read_0"} and len(where) == one.n_tiles == 16
+    where.clear()
     two = subtract(new, sc.ref, tmp_path / "two.fits", parallel_tiles=2, threads=2, **kw)
+    assert all(t.startswith("zogy-tile") for t, _ in where), where
+    assert sorted(i for _, i in where) == list(range(16))  # each tile once
     assert "calibrate" not in one.timings and one.timings["cosmics"] > 0
     assert two.timings["calibrate"] >= two.timings["cosmics"] > 0
-    with fits.open(tmp_path / "one.fits") as a, fits.open(tmp_path / "two.fits") as b:
+    # where Numba's threading layer allows one context only, the reader calibrates
+    # again once that is known (the tiles read before, in that context)
+    where.clear()
+    monkeypatch.setattr(nk, "threadsafe_layer", lambda: False)
+    alone = subtract(new, sc.ref, tmp_path / "alone.fits", parallel_tiles=2, threads=2, **kw)
+    assert sorted(i for _, i in where) == list(range(16))
+    assert sum(t == "zogy-read_0" for t, _ in where) >= 16 - 4
+    with fits.open(tmp_path / "one.fits") as a, fits.open(tmp_path / "two.fits") as b, \
+            fits.open(tmp_path / "alone.fits") as c:
         assert (a["MASK"].data & int(MaskBit.COSMIC) != 0).sum() >= 12 * 4
         for name in ("D", "S", "SCORR", "FLUX", "FLUX_ERR", "MASK"):
             np.testing.assert_array_equal(b[name].data, a[name].data)
+            np.testing.assert_array_equal(c[name].data, a[name].data)
         assert a[0].header["NCOSMIC"] == b[0].header["NCOSMIC"] >= 12 * 4
+    assert alone.n_tiles == 16

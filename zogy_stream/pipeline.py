@@ -515,7 +515,8 @@ class TileEngine:
         two tiles can be processed at once: its own FFT plans (on as many
         threads), work buffers and timings.  Readers, background meshes and the
         (thread-safe) kernel cache are shared; :meth:`load` stays with this
-        engine (one reader thread).
+        engine (one reader thread), though a tile's own calibration may be left
+        to the context that processes it (``load(calibrate=False)``).
         """
         p, o = self.plan, self.plan.opts
         twin = copy.copy(self)
@@ -1115,14 +1116,15 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
     it = enumerate(tiles)
 
     # a tile's own calibration (cosmic rays, local PSFs; ~1 s a 1024^2 tile) in the
-    # context that processes it, so that n tiles calibrate at once, not one by one
-    # in the reader thread
-    calibrate = not (n > 1 and engine.heavy_calibration)
+    # context that processes it, so that the contexts calibrate at once, not one tile
+    # after another in the reader thread; in the reader again once the threading layer
+    # turns out to allow one context only (the reader then overlaps the subtraction)
+    defer = [n > 1 and engine.heavy_calibration]
 
     def read_next():
         nxt = next(it, None)
         if nxt is not None:
-            loads.append((nxt[0], reader.submit(engine.load, nxt[1], calibrate=calibrate)))
+            loads.append((nxt[0], reader.submit(engine.load, nxt[1], calibrate=not defer[0])))
 
     def start(limit: int) -> None:
         """Loaded tiles numbered below ``limit`` onto idle contexts, in order."""
@@ -1158,12 +1160,15 @@ def _iter_parallel(engine: TileEngine, tiles, stop, n: int) -> Iterator[TileResu
         # first tile, run alone): the first tile's one-time costs (kernel cache loads,
         # the first kernel set, first FFT calls; ~0.3 s) then overlap the second's
         chosen = nk.launch_threads()
-        idle.extend(range(check_layer() if chosen else 1))
+        contexts = check_layer() if chosen else 1
+        idle.extend(range(contexts))
         if not chosen:
             start(1)
             if running:
                 wait([running[0]])
-                idle.extend(range(1, check_layer()))
+                contexts = check_layer()
+                idle.extend(range(1, contexts))
+        defer[0] = defer[0] and contexts > 1
         # A context that is free takes the next tile whenever this loop runs (between
         # results, not only when the tile before is yielded: tiles take unequal
         # times).  Tile j goes into the buffer of tile j - 2n, so it starts once the
