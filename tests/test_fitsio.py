@@ -289,7 +289,7 @@ def test_compiled_row_reads_match_python_reads(tmp_path, monkeypatch, caplog):
     def unavailable(*args):
         raise RuntimeError("Symbol not found: pread")
 
-    monkeypatch.setattr(nk, "_pread_rows", unavailable)
+    monkeypatch.setattr(nk, "_pread_convert", unavailable)
     with ImageReader(str(tmp_path / "f8.fits"), label="REF") as rd, \
             caplog.at_level(logging.DEBUG, logger="zogy_stream.fitsio"):
         got = rd.read(Box(2, 90, 40, 131), step=3)

@@ -678,19 +678,82 @@ def _byte_address(typingctx, arr, offset):
     return sig, codegen
 
 
+@intrinsic
+def _bswap(typingctx, x):
+    """``x`` (an unsigned integer) with its bytes in reverse order (``llvm.bswap``)."""
+    if not isinstance(x, types.Integer) or x.bitwidth not in (8, 16, 32, 64):
+        return None
+    sig = x(x)
+
+    def codegen(context, builder, signature, args):
+        if signature.args[0].bitwidth == 8:
+            return args[0]
+        return builder.bswap(args[0])
+
+    return sig, codegen
+
+
 @njit(**_OPTS)
-def _pread_rows(fd, buf, nrows, row_nbytes, first, stride):
-    """Read ``nrows`` rows of ``row_nbytes`` bytes, the i-th at file offset
-    ``first + i * stride``, one after the other into ``buf`` (uint8, C order).
-    Returns the rows read in full: fewer at end of file or on any error (errno
-    is not looked at; the caller reads the rest with ``os.preadv``, which
-    retries EINTR and raises the others)."""
-    for i in range(nrows):
+def _pread_convert(fd, word, vals, out, first, stride, step, swap, bscale, bzero, has_blank,
+                   blank):
+    """Read file rows into ``out`` (float32), one pread(2) per row, converting
+    each row while it is in the cache instead of in a second pass over the window.
+
+    ``word`` (unsigned, one file row of the window) and ``vals`` (the same bytes
+    as the file's numeric type) are views of one scratch buffer.  Row ``i`` is
+    read from ``first + i * stride``; every ``step``-th value goes to ``out[i]``,
+    byte-swapped when ``swap``, the integer ``blank`` (if ``has_blank``) as NaN,
+    else cast to float32, times float32 ``bscale`` unless 1, plus float32
+    ``bzero`` unless 0: the operations, in float32, of the reader's NumPy path.
+    Returns the rows done: fewer at end of file or on any error (errno is not
+    looked at; the caller reads the rest with ``os.preadv``, which retries EINTR
+    and raises the others).
+    """
+    raw = word.view(np.uint8)
+    nbytes = raw.size
+    f_scale = np.float32(bscale)
+    f_zero = np.float32(bzero)
+    scale = bscale != 1.0
+    zero = bzero != 0.0
+    for i in range(out.shape[0]):
         done = 0
-        while done < row_nbytes:
-            n = _pread(fd, _byte_address(buf, i * row_nbytes + done), row_nbytes - done,
-                       first + i * stride + done)
+        while done < nbytes:
+            n = _pread(fd, _byte_address(raw, done), nbytes - done, first + i * stride + done)
             if n <= 0:
                 return i
             done += n
-    return nrows
+        if swap:  # the whole row: a vectorised pass over a few kB in the L1 cache
+            for k in range(word.size):
+                word[k] = _bswap(word[k])
+        row = out[i]
+        if not (has_blank or scale or zero):  # the common case: a plain loop vectorises
+            if step == 1:
+                for j in range(row.size):
+                    row[j] = np.float32(vals[j])
+            else:
+                for j in range(row.size):
+                    row[j] = np.float32(vals[j * step])
+            continue
+        if not has_blank:  # scaled (BSCALE, BZERO): as above, unswitched by hand
+            if scale and zero:
+                for j in range(row.size):
+                    row[j] = np.float32(vals[j * step]) * f_scale + f_zero
+            elif scale:
+                for j in range(row.size):
+                    row[j] = np.float32(vals[j * step]) * f_scale
+            else:
+                for j in range(row.size):
+                    row[j] = np.float32(vals[j * step]) + f_zero
+            continue
+        for j in range(row.size):
+            x = vals[j * step]
+            if x == blank:
+                row[j] = np.nan
+                continue
+            v = np.float32(x)
+            if scale:
+                v = v * f_scale
+            if zero:
+                v = v + f_zero
+            row[j] = v
+    return out.shape[0]
