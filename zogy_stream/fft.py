@@ -149,9 +149,6 @@ class RealFFT2:
     Attributes
     ----------
     real : ndarray, shape (max(n_forward, n_inverse), ny, nx)
-        A view of ``spec``'s memory (rows padded to 2 (nx // 2 + 1) values, so
-        not C-contiguous): the transforms are in place, and the forward one
-        overwrites the real planes as the inverse overwrites the spectra.
     spec : ndarray, shape (max(...), ny, nx // 2 + 1)
     plan_seconds : float
         Time spent planning (near zero with warm wisdom).
@@ -164,22 +161,15 @@ class RealFFT2:
         n = max(n_forward, n_inverse)
         ny, nx = shape
         self.shape = (ny, nx)
-        # In place: each real plane is the spectrum's memory seen as rows of
-        # nx of its 2 (nx // 2 + 1) floats.  A transform then reads and writes
-        # the same cache lines and a tile's FFT working set halves (4 planes of
-        # 1080^2: 19 against 37 MiB).  Measured in the 8192^2 benchmark on one
-        # thread: forward 14-15 against 17 ms, inverse 14.6 against 15.3 ms a tile.
+        self.real = pyfftw.empty_aligned((n, ny, nx), dtype=dtype)
         self.spec = pyfftw.empty_aligned((n, ny, nx // 2 + 1), dtype=cdtype)
-        self.real = self.spec.view(dtype)[..., :nx]
         flags = (effort, "FFTW_DESTROY_INPUT")
         t0 = time.perf_counter()
-        # On one thread, one plan per plane: measured out of place, a plane and
-        # its spectrum (9 MiB at 1080^2) stayed in the L3 cache between FFTW's
-        # row and column passes, a batch of four (37 MiB) did not.  Four forward
-        # and four inverse 1080^2 transforms: 31 against 33 ms alone, 31-33
-        # against 34-39 ms with two such threads side by side (as tiles run).
-        # In place the two come out alike (23-25 ms, within this VM's noise).
-        # On more threads the batch
+        # On one thread, one plan per plane: a plane and its spectrum (9 MiB at
+        # 1080^2) stay in the L3 cache between FFTW's row and column passes, a
+        # batch of four (37 MiB) does not.  Four forward and four inverse 1080^2
+        # transforms: 31 against 33 ms alone, 31-33 against 34-39 ms with two
+        # such threads side by side (as tiles run).  On more threads the batch
         # plan: FFTW's threads then share whole planes (2 threads: 17-18 against
         # 21 ms plane by plane).  The planes are alike (shape, strides,
         # alignment), so FFTW plans one plane's problem once.
