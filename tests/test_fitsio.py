@@ -257,6 +257,9 @@ def test_compiled_row_reads_match_python_reads(tmp_path, monkeypatch, caplog):
     floats[5, 7], floats[6, 8] = np.nan, -0.0
     images["f4.fits"] = (floats, {})
     images["f4s.fits"] = (floats, dict(BSCALE=3.0, BZERO=-1.5))
+    images["f4z.fits"] = (floats, dict(BZERO=-1.5))  # BZERO alone (each case its own loop)
+    images["i2z.fits"] = (rng.integers(-3000, 3000, size=shape).astype(">i2"),
+                          dict(BZERO=32768.0))
     images["f8.fits"] = (rng.normal(size=shape).astype(">f8"), {})
     boxes = [(Box(0, 97, 3, 60), 1), (Box(2, 90, 40, 131), 3), (Box(5, 6, 7, 8), 1),
              (Box(4, 50, 0, 131), 1), (Box(0, 97, 0, 131), 2)]
