@@ -31,6 +31,7 @@ import math
 import numpy as np
 
 from .errors import InputError, ProcessingError
+from .psf import psf_to_origin
 
 __all__ = ["cut_stamps", "fit_cross_psf"]
 
@@ -122,10 +123,7 @@ def cut_stamps(known, unknown, var_known, var_unknown, x, y, *, half: int, pad: 
 
 def _kernel_ft(psf: np.ndarray, n: int) -> np.ndarray:
     """rFFT of ``psf`` zero-padded to ``n x n`` with its centre pixel moved to (0, 0)."""
-    s = psf.shape[0]
-    buf = np.zeros((n, n))
-    buf[:s, :s] = psf
-    return np.fft.rfft2(np.roll(buf, (-(s // 2), -(s // 2)), axis=(0, 1)))
+    return np.fft.rfft2(psf_to_origin(psf, (n, n)))
 
 
 def _parabola_min(x: np.ndarray, y: np.ndarray, i: int) -> float:
@@ -205,6 +203,7 @@ def fit_cross_psf(known, unknown, var_known, var_unknown, psf_known, *, half: in
     a = a.reshape(n, -1)
     aa = np.einsum("ij,ij->i", a, a)
     noise_a = np.asarray(var_unknown, np.float64) * float(np.sum(pk * pk))
+    var_k = np.asarray(var_known, np.float64)
     kf = np.fft.rfft2(known)
     grid = np.exp(np.linspace(math.log(lo), math.log(hi), N_GRID))
     chi = np.empty((N_GRID, n))
@@ -215,7 +214,7 @@ def fit_cross_psf(known, unknown, var_known, var_unknown, psf_known, *, half: in
         bb = np.einsum("ij,ij->i", b, b)
         f = ab / np.where(bb > 0, bb, np.inf)
         resid = aa - f * ab  # |a - f b|^2 at the best amplitude
-        noise = noise_a + f * f * np.asarray(var_known, np.float64) * float(np.sum(pu * pu))
+        noise = noise_a + f * f * var_k * float(np.sum(pu * pu))
         chi[g] = (resid - noise) / noise_a  # excess over the noise, in noise units
     lg = np.log(grid)
     own = np.full(n, np.nan)
