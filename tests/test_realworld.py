@@ -1,5 +1,6 @@
 """Issue 3: real-world inputs (estimated PSFs, flux ratio, noise correction, products)."""
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -360,6 +361,91 @@ def test_many_cosmic_rays_with_nothing_but_the_images(tmp_path):
     assert cosmic[hits].mean() > 0.97
     assert abs(s.header["FLUXRAT"] / 1.2 - 1) < 0.03
     _assert_targets(_score(s, Table.read(p["truth"]), Table.read(tmp_path / "cat.ecsv")))
+
+
+def test_pair_region_stars_in_threads_equal_one_image_at_a_time(tmp_path, caplog):
+    """The plan's star catalogues of both images, measured in threads
+    (``pair_region_stars``), are those of ``region_stars`` run on one image and one
+    region after another: the same pixels, cosmic-ray masks (each image's hits
+    tested against the *other* image), catalogues and background maps."""
+    from zogy_stream import calibrate as cb
+    from zogy_stream.fitsio import ImageReader
+    from zogy_stream.tiles import Box
+
+    p = write_scene(tmp_path, (512, 512), seed=5, **dict(SCENE, n_transients=5))
+    rng = np.random.default_rng(2)
+    for name in ("new", "ref"):  # hits in both images, each on its own pixels
+        with fits.open(p[name], mode="update") as hl:
+            for y, x in rng.integers(3, 509, (40, 2)):
+                hl[0].data[y, x:x + 2] += rng.uniform(500, 3000)
+    boxes = [Box(0, 256, 0, 256), Box(0, 256, 256, 512), Box(256, 512, 0, 512)]
+    kw = dict(saturation=(60000.0, float("inf")), gain=(1.0, None), cosmic_rays=(True, True),
+              sigma=(10.0, 5.0), read_noise=(None, None))
+    readers = (ImageReader(p["new"], label="NEW"), ImageReader(p["ref"], label="REF"))
+    try:
+        want = [cb.region_stars(readers[k], boxes, other=readers[1 - k],
+                                **{key: v[k] for key, v in kw.items()}) for k in (0, 1)]
+        got = {}
+        for threads in (1, 3):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="zogy_stream"):
+                got[threads] = cb.pair_region_stars(readers, boxes, threads=threads, **kw)
+            names = {r.threadName for r in caplog.records if "cosmic-ray pixel" in r.message}
+            if threads == 1:
+                assert names == {threading.current_thread().name}
+            else:
+                assert names and all(n.startswith("zogy-regions") for n in names)
+    finally:
+        for rd in readers:
+            rd.close()
+    for threads, pair in got.items():
+        for k in (0, 1):
+            assert len(pair[k]) == len(boxes)
+            for a, b in zip(want[k], pair[k]):
+                assert a.box == b.box
+                np.testing.assert_array_equal(a.data, b.data)
+                np.testing.assert_array_equal(a.mask, b.mask)
+                np.testing.assert_array_equal(a.back, b.back)
+                assert a.cat.colnames == b.cat.colnames and len(a.cat) == len(b.cat) > 0
+                for c in a.cat.colnames:
+                    np.testing.assert_array_equal(np.asarray(a.cat[c]), np.asarray(b.cat[c]))
+    # the hits were found, and NEW's and REF's masks differ (no image got the other's)
+    assert all(r.mask.sum() > 0 for k in (0, 1) for r in want[k])
+    assert not np.array_equal(want[0][2].mask, want[1][2].mask)
+
+
+def test_plan_regions_without_astroscrappy_warn_and_skip_cosmic_rays(tmp_path, monkeypatch,
+                                                                      caplog):
+    """Without astroscrappy the plan's regions fail before any work and are measured
+    again without cosmic-ray masks, with a warning (as one image at a time did)."""
+    import sys
+
+    from zogy_stream import calibrate as cb
+    from zogy_stream.cosmics import CosmicsUnavailableError
+    from zogy_stream.fitsio import ImageReader
+    from zogy_stream.pipeline import _region_stars
+    from zogy_stream.tiles import Box
+
+    p = write_scene(tmp_path, (256, 256), seed=5, **dict(SCENE, n_transients=0))
+    readers = {"NEW": ImageReader(p["new"], label="NEW"), "REF": ImageReader(p["ref"], label="REF")}
+    monkeypatch.setitem(sys.modules, "astroscrappy", None)  # makes the import fail
+    boxes = [Box(0, 256, 0, 256)]
+    calls = []
+    real = cb.read_regions
+    monkeypatch.setattr(cb, "read_regions", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        with pytest.raises(CosmicsUnavailableError):
+            cb.pair_region_stars((readers["NEW"], readers["REF"]), boxes, saturation=(1e9, 1e9),
+                                 gain=(1.0, 1.0), cosmic_rays=(False, True))
+        assert not calls  # nothing read before the error
+        with caplog.at_level(logging.WARNING, logger="zogy_stream"):
+            rn, rr = _region_stars(cb, readers, boxes, (1e9, 1e9), (1.0, 1.0), (True, True),
+                                   (None, None), (None, None), 2)
+    finally:
+        for rd in readers.values():
+            rd.close()
+    assert any("cosmic-ray detection unavailable" in r.message for r in caplog.records)
+    assert len(rn[0].cat) > 0 and len(rr[0].cat) > 0 and rn[0].mask is None
 
 
 def _blank_std(path):

@@ -35,7 +35,7 @@ from .psf import load_psf, psf_fwhm
 from .tiles import Box
 
 __all__ = ["PsfSource", "load_psf_source", "sample_boxes", "RegionStars", "region_stars",
-           "drop_extended_matches", "estimate_global_psf", "fit_global_flux_ratio",
+           "pair_region_stars", "read_regions", "region_catalogue", "drop_extended_matches", "estimate_global_psf", "fit_global_flux_ratio",
            "fit_global_astrometric_sigma", "pad_psf", "outer_tile_centres", "usable_star_count",
            "detect_saturation", "defect_mask", "fit_registration", "register_psf", "shift_psf",
            "cross_psf_source", "fill_psfs_through_other"]
@@ -294,12 +294,71 @@ def region_stars(reader, boxes, *, saturation: float, gain: float | None, mask_r
     CosmicsUnavailableError
         ``cosmic_rays`` and astroscrappy is not installed.
     """
-    from astropy.table import Table
+    regions = read_regions(reader, boxes, mask_reader)
+    others = (read_regions(other, boxes) if other is not None and cosmic_rays
+              else [(None, None)] * len(boxes))
+    return [region_catalogue(box, data, bad, label=reader.label, saturation=saturation,
+                             gain=gain, cosmic_rays=cosmic_rays, sigma=sigma,
+                             read_noise=read_noise, other=odata)
+            for box, (data, bad), (odata, _) in zip(boxes, regions, others)]
 
-    from .stars import background_maps, find_stars
 
+def pair_region_stars(readers, boxes, *, saturation, gain, mask_readers=(None, None),
+                      cosmic_rays=(False, False), sigma=(None, None),
+                      read_noise=(None, None), threads: int = 1):
+    """:func:`region_stars` of both images of a pair, the regions measured in threads.
+
+    Each of ``readers``, ``saturation``, ``gain``, ``mask_readers``,
+    ``cosmic_rays``, ``sigma`` and ``read_noise`` is a ``(new, ref)`` pair;
+    each image's hits are tested against the other image
+    (:func:`region_stars`'s ``other``).  The regions are read first, one
+    after another (a reader is not shared between threads); their
+    catalogues, which need nothing but the pixels, are then measured on up
+    to ``threads`` threads.  L.A.Cosmic releases the interpreter's lock and
+    sep holds it, so one image's star finding overlaps the other's cosmic
+    rays.  The catalogues are the ones :func:`region_stars` makes.
+
+    Returns
+    -------
+    (list of RegionStars, list of RegionStars)
+        NEW's and REF's, one per box.
+
+    Raises
+    ------
+    CosmicsUnavailableError
+        ``cosmic_rays`` is on for an image and astroscrappy is not installed.
+    """
+    if any(cosmic_rays):
+        from .cosmics import _import_astroscrappy
+
+        _import_astroscrappy()  # fail before any work, as the serial path does
+    regions = [read_regions(rd, boxes, mk) for rd, mk in zip(readers, mask_readers)]
+    jobs = [(k, i) for k in (0, 1) for i in range(len(boxes))]
+
+    def one(job):
+        k, i = job
+        data, bad = regions[k][i]
+        other = regions[1 - k][i][0] if cosmic_rays[k] else None
+        return region_catalogue(boxes[i], data, bad, label=readers[k].label,
+                                saturation=saturation[k], gain=gain[k],
+                                cosmic_rays=cosmic_rays[k], sigma=sigma[k],
+                                read_noise=read_noise[k], other=other)
+
+    workers = max(1, min(int(threads), len(jobs)))
+    if workers == 1:
+        done = [one(job) for job in jobs]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zogy-regions") as ex:
+            done = list(ex.map(one, jobs))
+    n = len(boxes)
+    return done[:n], done[n:]
+
+
+def read_regions(reader, boxes, mask_reader=None) -> list[tuple]:
+    """``(data, bad)`` of each box: float32 pixels, and the user's mask (or None)."""
     out = []
-    sat = saturation if math.isfinite(saturation) else None
     for box in boxes:
         data = np.array(reader.read(box), dtype=np.float32)
         reader.release(box)
@@ -307,28 +366,43 @@ def region_stars(reader, boxes, *, saturation: float, gain: float | None, mask_r
         if mask_reader is not None:
             bad = np.asarray(mask_reader.read(box)) != 0
             mask_reader.release(box)
-        if cosmic_rays:
-            from .cosmics import drop_coincident, exposure_cosmic_rays
-
-            cr = exposure_cosmic_rays(data, sigma=sigma, gain=gain, read_noise=read_noise,
-                                      saturation=sat, bad=bad)
-            if other is not None and cr.any():
-                cr = drop_coincident(cr, other.read(box))
-                other.release(box)
-            log.info("%s: %d cosmic-ray pixel(s) masked for the star catalogue of region %s",
-                     reader.label, int(cr.sum()), box)
-            bad = cr if bad is None else bad | cr
-        back = rms = None
-        try:
-            back, rms = background_maps(data, saturation=sat, mask=bad,
-                                        threshold=STAR_THRESHOLD)
-            cat = find_stars(data, saturation=sat, gain=gain, threshold=STAR_THRESHOLD,
-                             background=back, rms=rms, mask=bad)
-        except (ProcessingError, InputError) as exc:
-            log.info("%s: no stars in region %s (%s)", reader.label, box, exc)
-            cat = Table(names=("x", "y", "flux", "flux_err", "snr"))
-        out.append(RegionStars(box, data, cat, saturation=sat, back=back, rms=rms, mask=bad))
+        out.append((data, bad))
     return out
+
+
+def region_catalogue(box, data, bad, *, label: str, saturation: float, gain: float | None,
+                     cosmic_rays: bool = False, sigma: float | None = None,
+                     read_noise: float | None = None, other=None) -> RegionStars:
+    """The star catalogue of one region of an image (see :func:`region_stars`).
+
+    ``data`` are the region's float32 pixels, ``bad`` its user mask (or None)
+    and ``other`` the other image's pixels in the same box (or None).  Pure
+    function of its arguments: regions can be measured in threads.
+    """
+    from astropy.table import Table
+
+    from .stars import background_maps, find_stars
+
+    sat = saturation if math.isfinite(saturation) else None
+    if cosmic_rays:
+        from .cosmics import drop_coincident, exposure_cosmic_rays
+
+        cr = exposure_cosmic_rays(data, sigma=sigma, gain=gain, read_noise=read_noise,
+                                  saturation=sat, bad=bad)
+        if other is not None and cr.any():
+            cr = drop_coincident(cr, other)
+        log.info("%s: %d cosmic-ray pixel(s) masked for the star catalogue of region %s",
+                 label, int(cr.sum()), box)
+        bad = cr if bad is None else bad | cr
+    back = rms = None
+    try:
+        back, rms = background_maps(data, saturation=sat, mask=bad, threshold=STAR_THRESHOLD)
+        cat = find_stars(data, saturation=sat, gain=gain, threshold=STAR_THRESHOLD,
+                         background=back, rms=rms, mask=bad)
+    except (ProcessingError, InputError) as exc:
+        log.info("%s: no stars in region %s (%s)", label, box, exc)
+        cat = Table(names=("x", "y", "flux", "flux_err", "snr"))
+    return RegionStars(box, data, cat, saturation=sat, back=back, rms=rms, mask=bad)
 
 
 def drop_extended_matches(new_regions, ref_regions, *, factor: float = 1.5) -> int:
