@@ -1,5 +1,6 @@
 """Issue 3: real-world inputs (estimated PSFs, flux ratio, noise correction, products)."""
 import logging
+import sys
 import threading
 
 import numpy as np
@@ -418,8 +419,6 @@ def test_plan_regions_without_astroscrappy_warn_and_skip_cosmic_rays(tmp_path, m
                                                                       caplog):
     """Without astroscrappy the plan's regions fail before any work and are measured
     again without cosmic-ray masks, with a warning (as one image at a time did)."""
-    import sys
-
     from zogy_stream import calibrate as cb
     from zogy_stream.cosmics import CosmicsUnavailableError
     from zogy_stream.fitsio import ImageReader

@@ -35,8 +35,9 @@ from .psf import load_psf, psf_fwhm
 from .tiles import Box
 
 __all__ = ["PsfSource", "load_psf_source", "sample_boxes", "RegionStars", "region_stars",
-           "pair_region_stars", "read_regions", "region_catalogue", "drop_extended_matches", "estimate_global_psf", "fit_global_flux_ratio",
-           "fit_global_astrometric_sigma", "pad_psf", "outer_tile_centres", "usable_star_count",
+           "pair_region_stars", "read_regions", "region_catalogue", "drop_extended_matches",
+           "estimate_global_psf", "fit_global_flux_ratio", "fit_global_astrometric_sigma",
+           "pad_psf", "outer_tile_centres", "usable_star_count",
            "detect_saturation", "defect_mask", "fit_registration", "register_psf", "shift_psf",
            "cross_psf_source", "fill_psfs_through_other"]
 

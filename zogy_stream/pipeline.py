@@ -344,10 +344,11 @@ def _calibrate(inputs: Inputs, opts: Options, readers, shape, sat, gain, *,
     regions_n = regions_r = None
     if src_n is None or src_r is None or fr_auto or ast_auto:
         boxes = cb.sample_boxes(shape)
-        # two regions at a time (NEW's and REF's, when --threads allows): sep holds the
-        # GIL for ~40 % of a region's time, so more threads gain little, and each region
-        # in flight holds ~60 MiB of temporaries (measured at 4096², images only: plan
-        # 4.3 s against 4.9 s one region at a time, peak RSS 487 against 424 MiB)
+        # two regions at a time when --threads allows: sep holds the GIL, so more
+        # threads gain little on the measured two cores, and each region in flight
+        # holds ~60 MiB of temporaries (4096², images only, warm: plan 3.4-3.7 s
+        # against 4.0-4.2 s one region at a time; peak RSS 487 against 424 MiB,
+        # 572 MiB with four at a time)
         regions_n, regions_r = _region_stars(cb, readers, boxes, sat, gain, cosmics, sigma,
                                              read_noise, min(opts.threads, 2))
         cb.drop_extended_matches(regions_n, regions_r)
