@@ -79,6 +79,7 @@ def score(scene: dict, paths: dict, summary, catalog: Path) -> dict:
         res = score_scene(Table.read(paths["truth"]), Table.read(catalog), sc, m)
         res["false_per_mpix"] = res.pop("false") / (sc.size / 1e6)
     res["ratio"] = float(summary.header["FLUXRAT"] / scene["flux_ratio"] - 1)
+    res["overlap"] = int(summary.header["OVERLAP"])
     return res
 
 
@@ -116,15 +117,16 @@ TARGETS = ("targets: recovered >= 90 %, false <= 8 per Mpix, std 0.85-1.15, FLUX
 
 def table(rows: list) -> str:
     head = ("| scene | seed | recovered | false per Mpix | std(S_corr) | median FLUX/true "
-            "| F_n/F_r - truth | position RMS |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+            "| F_n/F_r - truth | position RMS | overlap |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for name, seed, r in rows:
         if "error" in r:
-            lines.append(f"| {name} | {seed} | error: {r['error']} |||||")
+            lines.append(f"| {name} | {seed} | error: {r['error']} ||||||")
             continue
         lines.append(f"| {name} | {seed} | {r['recovered']}/{r['expected']} | "
                      f"{r['false_per_mpix']:.0f} | {r['std']:.3f} | {r['flux']:.3f} | "
-                     f"{100 * r['ratio']:+.1f} % | {r['pos_rms']:.2f} px |")
+                     f"{100 * r['ratio']:+.1f} % | {r['pos_rms']:.2f} px | {r['overlap']} px |")
     return "\n".join(lines)
 
 
