@@ -169,7 +169,7 @@ def test_streamed_equals_plain_whole_image_computation():
         assert np.max(np.abs(a - b)) < 2e-4 * scale, key
 
 
-def test_estimated_psfs_overlap_keeps_d_within_a_hundredth_sigma_of_whole_image():
+def test_estimated_psfs_overlap_keeps_d_within_0p02_sigma_of_the_whole_image():
     """With PSFs stacked from stars the overlap holds all but 1e-5 of the kernels'
     energy (1e-6 with PSFs given): smaller, and D still equals the whole-image
     computation with the same PSFs to < 0.02 sigma (a third of it: > 0.05)."""

@@ -62,11 +62,12 @@ _NOISE_KINDS = ("var", "weight", "err")
 #: Fraction of the ZOGY kernels' energy allowed beyond the tile overlap
 #: (:func:`~zogy_stream.zogy.kernel_radius`).  With both PSFs given the tiles
 #: equal the whole-image computation to float32 precision.  A PSF stacked from
-#: a few tens of stars carries their noise, ~1e-5 of its energy or more, which
-#: gives the kernels slowly decaying wings (energy beyond r ~ r^-4).  On a 4096^2
-#: images-only scene the overlap is 132 px at 1e-5 (247 at 1e-6); with the
-#: same PSFs, D then differs from the whole-image computation by at most
-#: 0.008 sigma (0.003 at 247 px).  README, stop 28.
+#: ~100 stars differs from the true one by 1.5e-4 to 9e-4 of its energy (the
+#: images-only benchmark scenes), and its kernels have wings whose energy beyond
+#: r falls only as ~r^-4, far below what the PSF itself is known to.  On the
+#: 4096^2 scene the overlap is 132 px at 1e-5 (247 at 1e-6); with the same PSFs,
+#: D then differs from the whole-image computation by at most 0.008 sigma
+#: (0.003 at 247 px).  README, stop 28.
 _KERNEL_TOL_GIVEN = 1e-6
 _KERNEL_TOL_ESTIMATED = 1e-5
 
