@@ -4,7 +4,7 @@ from scipy import ndimage
 
 from zogy_stream import _numba as nk
 from zogy_stream.masks import MaskBit
-from zogy_stream.pipeline import _BLANK_STEP, _blank_sky
+from zogy_stream.engine import _BLANK_STEP, _blank_sky
 from zogy_stream.tiles import Box
 
 

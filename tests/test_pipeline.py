@@ -174,7 +174,7 @@ def test_estimated_psfs_overlap_keeps_d_within_0p02_sigma_of_the_whole_image():
     energy (1e-6 with PSFs given): smaller, and D still equals the whole-image
     computation with the same PSFs to < 0.02 sigma (a third of it: > 0.05)."""
     from zogy_stream import Options, plan_run
-    from zogy_stream.pipeline import _KERNEL_TOL_GIVEN, Inputs
+    from zogy_stream.plan import _KERNEL_TOL_GIVEN, Inputs
     from zogy_stream.zogy import kernel_radius
 
     scene = make_scene((768, 768), seed=3, n_transients=5, flux_ratio=1.2, saturation=60000,
@@ -388,7 +388,7 @@ def test_pipeline_keeps_sources_on_their_pixel(psf_size):
 def test_source_cut_by_the_border_gives_no_candidate(monkeypatch):
     """A bright star centred on the image border: the border truncates it, so its
     convolutions cannot cancel and, unmasked, it leaves a > 20 sigma residual."""
-    import zogy_stream.pipeline as pl
+    import zogy_stream.engine as eng
     from conftest import gaussian
 
     n = 256
@@ -407,7 +407,7 @@ def test_source_cut_by_the_border_gives_no_candidate(monkeypatch):
     res = list(stream(new, ref, **kw))[0]
     assert len(res.candidates) == 0
     assert res.mask[128, 5] & MaskBit.NEAR  # the residual's neighbourhood is masked
-    monkeypatch.setattr(pl, "_cut_sources", lambda *a, **k: None)
+    monkeypatch.setattr(eng, "_cut_sources", lambda *a, **k: None)
     bare = list(stream(new, ref, **kw))[0].candidates
     assert len(bare) >= 1 and np.max(np.abs(bare["scorr"])) > 10  # what it guards against
 
@@ -418,7 +418,7 @@ def test_bright_source_near_the_border_masked_over_its_footprint(side):
     covers its whole > 5 sigma footprint widened by the radius (the square of
     ``radius`` around the hot border pixels alone ended inside the star), and
     a fainter star whose border pixels stay below 10 sigma is left alone."""
-    import zogy_stream.pipeline as pl
+    import zogy_stream.engine as eng
     from zogy_stream.tiles import TileGrid
 
     n, sig, radius = 96, 10.0, 4
@@ -442,7 +442,7 @@ def test_bright_source_near_the_border_masked_over_its_footprint(side):
     grown = np.zeros(planes.shape[1:], np.uint8)
     grown[:] = MaskBit.OUTSIDE
     grown[vin.slices] = 0
-    pl._cut_sources(planes, grown, tile, (n, n), (sig, sig), radius)
+    eng._cut_sources(planes, grown, tile, (n, n), (sig, sig), radius)
     near = (grown[vin.slices] & MaskBit.NEAR) != 0
     foot = bright > 5 * sig  # the star's footprint
     depth = {"left": x[foot].max(), "top": y[foot].max(), "right": n - 1 - x[foot].min(),
@@ -681,10 +681,11 @@ def test_window_pool_reuses_reader_buffers():
     """The reader's windows go into pooled buffers: a released tile's buffers
     serve the next load, the windows of a tile still loaded are left alone, and
     a run through the pool gives the products of fresh windows."""
+    import zogy_stream.engine as eng
     import zogy_stream.pipeline as pl
     from zogy_stream.simulate import make_scene
 
-    pool = pl._WindowPool(12, keep=2)
+    pool = eng._WindowPool(12, keep=2)
     a, buf_a = pool.take((3, 4))
     b, buf_b = pool.take((2, 5))
     assert a.shape == (3, 4) and a.flags.c_contiguous and b.shape == (2, 5)

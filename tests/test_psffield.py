@@ -146,7 +146,7 @@ def test_plan_kernel_radius_covers_every_tiles_field_psfs(tmp_path):
     The mean PSFs' pair (a blend of widths) needs 126 px on this scene.
     """
     from zogy_stream.options import Options
-    from zogy_stream.pipeline import _KERNEL_TOL_ESTIMATED, Inputs, plan_run
+    from zogy_stream.plan import _KERNEL_TOL_ESTIMATED, Inputs, plan_run
     from zogy_stream.simulate import write_scene
     from zogy_stream.zogy import kernel_radius
 

@@ -422,7 +422,7 @@ def test_plan_regions_without_astroscrappy_warn_and_skip_cosmic_rays(tmp_path, m
     from zogy_stream import calibrate as cb
     from zogy_stream.cosmics import CosmicsUnavailableError
     from zogy_stream.fitsio import ImageReader
-    from zogy_stream.pipeline import _region_stars
+    from zogy_stream.plan import _region_stars
     from zogy_stream.tiles import Box
 
     p = write_scene(tmp_path, (256, 256), seed=5, **dict(SCENE, n_transients=0))

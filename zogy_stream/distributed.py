@@ -1,8 +1,8 @@
 """Scale-out on Dask distributed: tiles of one subtraction as tasks.
 
-The client plans the run once (:func:`~zogy_stream.pipeline.plan_run`) and
+The client plans the run once (:func:`~zogy_stream.plan.plan_run`) and
 creates the pre-sized temporary output; each task takes a band of tiles,
-builds its own :class:`~zogy_stream.pipeline.TileEngine` from the picklable
+builds its own :class:`~zogy_stream.engine.TileEngine` from the picklable
 plan, reads the inputs from the shared filesystem, writes the finished cores
 in place into the temporary output and returns its candidates.  The client
 gathers them, writes the catalogue and renames the output.  Background,
@@ -85,7 +85,8 @@ def dask_client(spec: str, *, threads_per_worker: int = 1):
 def _run_band(plan, tmp, planes, primary_header, tiles):
     """Task body: process ``tiles`` and write their cores into ``tmp``."""
     from .fitsio import OutputFile
-    from .pipeline import TileEngine, _gather_bands, _iter_tiles, _wisdom_for, _write_tile
+    from .engine import TileEngine, _wisdom_for
+    from .pipeline import _gather_bands, _iter_tiles, _write_tile
 
     engine = TileEngine(plan, wisdom=_wisdom_for(plan.opts))
     out = OutputFile.attach(tmp, planes, primary_header=primary_header)
