@@ -121,11 +121,20 @@ def _check_number(name, value, *, minimum=None, integer=False):
 class _Prepared:
     """Background-subtracted image, bad-pixel masks and noise of one image."""
 
-    __slots__ = ("sub", "bad", "sat", "rms", "rms_scalar", "back")
+    __slots__ = ("sub", "bad", "sat", "rms", "back", "_rms_scalar")
 
-    def __init__(self, sub, bad, sat, rms, rms_scalar, back):
-        self.sub, self.bad, self.sat, self.rms, self.rms_scalar = sub, bad, sat, rms, rms_scalar
-        self.back = back
+    def __init__(self, sub, bad, sat, rms, back):
+        self.sub, self.bad, self.sat, self.rms, self.back = sub, bad, sat, rms, back
+        self._rms_scalar = None
+
+    @property
+    def rms_scalar(self) -> float:
+        """The median noise, computed when first asked for (only the catalogue uses it:
+        the median of a tile's noise map takes ~8 ms, and most callers never need it)."""
+        if self._rms_scalar is None:
+            rms = self.rms
+            self._rms_scalar = float(rms) if np.ndim(rms) == 0 else float(np.median(rms))
+        return self._rms_scalar
 
 
 def _sep_background(data, bad):
@@ -205,8 +214,7 @@ def _prepare(image, *, background, rms, saturation, mask, mask_sources=False,
     sub = data - background
     sub[bad & ~sat] = 0.0
     sub = np.ascontiguousarray(sub)
-    rms_scalar = float(rms) if np.ndim(rms) == 0 else float(np.median(rms))
-    return _Prepared(sub, bad, sat, rms, rms_scalar, background)
+    return _Prepared(sub, bad, sat, rms, background)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,11 +240,13 @@ def _extract(sub, threshold, rms, bad, minarea, segmentation=False):
                               "raise threshold= or process the image in tiles") from exc
 
 
-def _window_errors(sub, var, bad, x, y, sig, budget=4_000_000):
+def _window_errors(sub, rms, bad, x, y, sig, gain=None, budget=4_000_000):
     """Positional errors of windowed centroids (Source Extractor's ERRX2WIN formula).
 
     ``err_x^2 = 4 sum(w^2 var (x - xc)^2) / (sum(w I))^2`` with the Gaussian window
-    ``w`` of sigma ``sig`` truncated at ``4 sig``; the same for ``y``.
+    ``w`` of sigma ``sig`` truncated at ``4 sig``; the same for ``y``.  The pixel
+    variance is ``rms^2`` plus, with ``gain``, the source's Poisson term
+    ``max(sub, 0) / gain``, evaluated in the windows only.
     """
     n = len(x)
     ex = np.full(n, np.nan)
@@ -260,7 +270,12 @@ def _window_errors(sub, var, bad, x, y, sig, budget=4_000_000):
         xi = np.clip(xx, 0, nx - 1)
         yi = np.clip(yy, 0, ny - 1)
         img = sub[yi, xi].astype(np.float64)
-        v = var[yi, xi] if np.ndim(var) == 2 else np.full(img.shape, float(var))
+        if np.ndim(rms) == 2:
+            v = np.asarray(rms[yi, xi], np.float64) ** 2
+        else:
+            v = np.full(img.shape, float(rms) * float(rms))
+        if gain is not None:
+            v = v + np.clip(sub[yi, xi], 0, None) / gain
         good = inside & ~bad[yi, xi]
         ddx = xx - x[sl, None, None]
         ddy = yy - y[sl, None, None]
@@ -360,7 +375,6 @@ def _measure(prep: _Prepared, *, threshold, gain, minarea, isolation_radius) -> 
     if not np.isfinite(locus):
         locus = float(np.median(fwhm))
     r_ap = max(2.0 * locus, 2.0)
-    var = rms * rms if np.ndim(rms) == 0 else (np.asarray(rms, np.float64) ** 2)
     flux, flux_err, aflag = sep.sum_circle(sub, x, y, r_ap, err=rms, mask=bad, gain=gain,
                                            subpix=5)
     flag = flag | aflag.astype(np.int32)
@@ -368,10 +382,7 @@ def _measure(prep: _Prepared, *, threshold, gain, minarea, isolation_radius) -> 
         snr = np.where(flux_err > 0, flux / flux_err, 0.0)
 
     # Centroid errors of the windowed positions.
-    pix_var = var
-    if gain is not None:
-        pix_var = var + np.clip(sub, 0, None) / gain
-    x_err, y_err = _window_errors(sub, pix_var, bad, x, y, sig)
+    x_err, y_err = _window_errors(sub, rms, bad, x, y, sig, gain)
 
     # Saturation: any saturated pixel inside the aperture.
     if prep.sat.any():
