@@ -37,7 +37,7 @@ _NOISE_KINDS = ("var", "weight", "err")
 #: r falls only as ~r^-4, far below what the PSF itself is known to.  On the
 #: 4096^2 scene the overlap is 132 px at 1e-5 (247 at 1e-6); with the same PSFs,
 #: D then differs from the whole-image computation by at most 0.008 sigma
-#: (0.003 at 247 px).  README, stop 28.
+#: (0.003 at 247 px).  benchmarks/HISTORY.md, stop 28.
 _KERNEL_TOL_GIVEN = 1e-6
 _KERNEL_TOL_ESTIMATED = 1e-5
 
