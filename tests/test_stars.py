@@ -348,6 +348,41 @@ def test_find_stars_classification():
     assert cat.meta["fwhm"] == pytest.approx(3.1, rel=0.1)
 
 
+def test_find_stars_centroid_errors_predict_the_scatter():
+    """The windowed centroids' errors (ERRX2WIN, background plus the sources' Poisson
+    noise when the gain is known) match the scatter of the centroids over 40 noise
+    realisations of the same stars; without the gain the bright stars' errors fall
+    far short, so the Poisson term is what makes them right.  The catalogue's
+    ``background_rms`` is the median of its noise map."""
+    shape = (256, 256)
+    xs = np.array([40.3, 120.7, 200.2, 70.6, 180.1, 130.4])
+    ys = np.array([50.2, 60.8, 45.5, 180.3, 200.9, 130.6])
+    fl = np.array([2e4, 5e4, 1e5, 3e5, 1e4, 6e4])
+    gain, sky, rn = 2.0, 400.0, 5.0
+    model = sky + render(shape, xs, ys, fl, 3.0)
+    sigma = np.sqrt(model / gain + (rn / gain) ** 2)
+    rng = np.random.default_rng(7)
+    pos, err, err_nogain = [], [], []
+    for _ in range(40):
+        img = (model + rng.normal(0.0, 1.0, shape) * sigma).astype(np.float32)
+        back, rms = background_maps(img)
+        for g, out in ((gain, err), (None, err_nogain)):
+            cat = find_stars(img, gain=g, background=back, rms=rms)
+            d = np.hypot(cat["x"][None, :] - xs[:, None], cat["y"][None, :] - ys[:, None])
+            assert (d.min(axis=1) < 1.0).all()
+            j = d.argmin(axis=1)
+            out.append(np.column_stack([cat["x_err"][j], cat["y_err"][j]]))
+            if g is not None:
+                pos.append(np.column_stack([cat["x"][j], cat["y"][j]]))
+                assert cat.meta["background_rms"] == pytest.approx(float(np.median(rms)))
+    scatter = np.array(pos).std(axis=0)
+    ratio = np.median(np.array(err), axis=0) / scatter
+    assert np.all((ratio > 0.7) & (ratio < 1.4)), ratio  # 40 draws: ~11 % per std
+    assert abs(np.exp(np.mean(np.log(ratio))) - 1.0) < 0.1
+    short = np.median(np.array(err_nogain), axis=0) / scatter
+    assert short[3].max() < 0.4  # the brightest star: Poisson-dominated
+
+
 def test_find_stars_nan_and_mask():
     shape = (200, 200)
     rng = np.random.default_rng(6)
