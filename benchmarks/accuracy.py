@@ -54,6 +54,11 @@ SCENES = {
     "low-sky": dict(gain=4.0, read_noise=10.0, sky_new=200.0, sky_ref=300.0),
     "ratio-0.7": dict(flux_ratio=0.7),
     "shift-0.3": dict(shift=(0.3, -0.2)),
+    # elongated PSFs of different orientations (tracking, wind shake, optics)
+    "elliptical": dict(new_axis_ratio=0.7, new_angle=30.0, ref_axis_ratio=0.85,
+                       ref_angle=120.0),
+    # sky levels changing linearly across the field (+-30 %: moonlight, twilight)
+    "sky-gradient": dict(sky_gradient=0.3),
     # star-poor fields: the reference's brightest sources are then the 20 galaxies
     "stars-150": dict(star_density=150),
     "stars-80": dict(star_density=80),

@@ -170,6 +170,61 @@ def test_fwhm_variation_changes_star_widths():
     assert s.new_psf.shape[0] == default_psf_size(4.0 * 1.3)
 
 
+@pytest.mark.parametrize("psf", ["gaussian", "moffat"])
+def test_elongated_psfs_have_their_axis_ratio_and_angle(psf):
+    """An elongated PSF's second moments give the axis ratio and angle asked for (its
+    pixel integration rounds it a little), a star in the image has that shape, and
+    a circular one (axis ratio 1) is the circular profile, bit for bit."""
+    kw = dict(n_stars=1, star_flux=(1e6, 1e6), psf=psf, new_fwhm=4.0, ref_fwhm=3.0, **QUIET)
+    s = make_scene((96, 96), seed=3, new_axis_ratio=0.6, new_angle=30.0, ref_axis_ratio=0.8,
+                   ref_angle=-70.0, **kw)
+
+    def shape_of(img):
+        img = img / img.sum()
+        y, x = np.indices(img.shape)
+        cy, cx = (img * y).sum(), (img * x).sum()
+        xx, yy = (img * (x - cx) ** 2).sum(), (img * (y - cy) ** 2).sum()
+        xy = (img * (x - cx) * (y - cy)).sum()
+        lo, hi = np.linalg.eigvalsh([[xx, xy], [xy, yy]])
+        return math.sqrt(lo / hi), math.degrees(0.5 * math.atan2(2 * xy, xx - yy))
+
+    for psf_img, q, angle in ((s.new_psf, 0.6, 30.0), (s.ref_psf, 0.8, -70.0)):
+        got_q, got_angle = shape_of(psf_img)
+        assert got_q == pytest.approx(q, abs=0.03 if psf == "gaussian" else 0.06)
+        assert got_angle == pytest.approx(angle, abs=1.0)
+    x, y = round(s.stars["x"][0]), round(s.stars["y"][0])
+    h = s.ref_psf.shape[0] // 2
+    if h <= x < 96 - h and h <= y < 96 - h:
+        star = s.ref[y - h:y + h + 1, x - h:x + h + 1] - 1.0
+        assert shape_of(star)[0] == pytest.approx(0.8, abs=0.06)
+    circ = make_scene((64, 64), seed=3, **kw)
+    same = make_scene((64, 64), seed=3, new_axis_ratio=1.0, ref_axis_ratio=1.0, new_angle=40.0,
+                      **kw)
+    assert np.array_equal(circ.new, same.new) and np.array_equal(circ.new_psf, same.new_psf)
+    assert s.meta["new_axis_ratio"] == 0.6 and s.meta["ref_angle"] == pytest.approx(-70.0)
+    # the default stamp holds the major axis (FWHM 4 / sqrt(0.6))
+    assert s.new_psf.shape[0] == default_psf_size(4.0 / math.sqrt(0.6))
+
+
+def test_sky_gradient_and_the_transients_expected_snr():
+    """The sky changes linearly by +-g from pixel (0, 0) to the far corner, in the
+    images and their variances, and each transient's flux is set for the noise where
+    it is: the same expected S/N needs more flux where the sky is brighter."""
+    kw = dict(n_stars=0, n_transients=30, read_noise=0.0, gain=1.0, seed=8)
+    s = make_scene((200, 200), sky_gradient=0.3, **kw)
+    flat = make_scene((200, 200), **kw)
+    assert s.ref_var[0, 0] == pytest.approx(700.0, rel=1e-4)
+    assert s.ref_var[-1, -1] == pytest.approx(1300.0, rel=1e-4)
+    assert s.new[:20, :20].mean() == pytest.approx(700.0 + 300.0 * 19 / 199, abs=3.0)
+    np.testing.assert_array_equal(s.transients["expected_snr"], flat.transients["expected_snr"])
+    t = s.transients
+    where = t["x"] / 199 + t["y"] / 199  # 0 ... 2; the sky is 1000 x (1 + 0.3 (where - 1))
+    factor = np.asarray(t["flux"] / flat.transients["flux"])
+    expect = np.sqrt(1.0 + 0.3 * (where - 1.0))  # background-limited: flux ~ sigma
+    np.testing.assert_allclose(factor, expect, rtol=0.01)
+    assert s.meta["sky_gradient"] == 0.3
+
+
 def test_saturation_clips_both_images():
     s = make_scene((128, 128), seed=1, saturation=20000.0, star_flux=(1e6, 2e6), n_stars=10)
     for img in (s.new, s.ref):
@@ -196,7 +251,10 @@ def test_galaxies_same_in_both_images_and_hosts():
     (dict(fwhm_variation=1.5), "fwhm_variation"), (dict(gain=-1), "gain"),
     (dict(transient_snr=(10, 5)), "transient_snr"), (dict(shift=(1, 2, 3)), "shift"),
     (dict(n_stars=-3), "n_stars"), (dict(shape=(30, 30), edge=20), "edge"),
-    (dict(seed=-1), "seed"), (dict(band=0), "band"), (dict(psf_size=20), "psf_size")])
+    (dict(seed=-1), "seed"), (dict(band=0), "band"), (dict(psf_size=20), "psf_size"),
+    (dict(new_axis_ratio=1.2), "new_axis_ratio"), (dict(ref_axis_ratio=0), "ref_axis_ratio"),
+    (dict(new_angle="up"), "new_angle"), (dict(sky_gradient=1.0), "sky_gradient"),
+    (dict(sky_gradient="steep"), "sky_gradient")])
 def test_make_scene_bad_arguments(kwargs, name):
     kwargs.setdefault("shape", (64, 64))
     with pytest.raises(ConfigError, match=name):

@@ -144,6 +144,50 @@ def _stamp(kind, fwhm, beta, dy, dx, oversample, out):
         out /= total
 
 
+@njit(cache=True, nogil=True)
+def _stamp_elliptical(kind, fwhm, beta, q, theta, dy, dx, oversample, out):
+    """As :func:`_stamp`, elongated: axis ratio ``q`` (minor / major, <= 1), major axis
+    at angle ``theta`` (radians) from +x, and FWHM ``fwhm / sqrt(q)`` along the major
+    axis and ``fwhm * sqrt(q)`` along the minor one (the area of the circular profile)."""
+    size = out.shape[0]
+    c = size // 2
+    n = oversample
+    ct, st = math.cos(theta), math.sin(theta)
+    if kind == 0:
+        scale = fwhm / 2.3548200450309493
+    else:
+        scale = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    ia2 = q / (scale * scale)  # 1 / (major-axis scale)^2
+    ib2 = 1.0 / (q * scale * scale)
+    total = 0.0
+    for i in range(size):
+        for j in range(size):
+            s = 0.0
+            for k in range(n):
+                v = i - c + (k + 0.5) / n - 0.5 - dy
+                for m in range(n):
+                    u = j - c + (m + 0.5) / n - 0.5 - dx
+                    a = u * ct + v * st
+                    b = v * ct - u * st
+                    r2 = a * a * ia2 + b * b * ib2
+                    if kind == 0:
+                        s += math.exp(-0.5 * r2)
+                    else:
+                        s += (1.0 + r2) ** -beta
+            out[i, j] = s
+            total += s
+    out /= total
+
+
+@njit(cache=True, nogil=True)
+def _stamp_any(kind, fwhm, beta, q, theta, dy, dx, oversample, out):
+    """:func:`_stamp` when ``q == 1`` (circular), else :func:`_stamp_elliptical`."""
+    if q == 1.0:
+        _stamp(kind, fwhm, beta, dy, dx, oversample, out)
+    else:
+        _stamp_elliptical(kind, fwhm, beta, q, theta, dy, dx, oversample, out)
+
+
 def _psf(kind, fwhm, beta, size, offset, oversample):
     fwhm = _positive("fwhm", fwhm)
     beta = _positive("beta", beta)
@@ -244,8 +288,10 @@ def _centre_at_origin(psf, pad):
 
 # --------------------------------------------------------------------------- rendering kernels
 @njit(cache=True, nogil=True)
-def _add_points(band, y0, xs, ys, fluxes, fwhms, kind, beta, oversample, stamp):
-    """Add point sources (sorted by y) whose stamps overlap ``band`` (rows ``y0`` ...)."""
+def _add_points(band, y0, xs, ys, fluxes, fwhms, kind, beta, oversample, stamp, q=1.0,
+                theta=0.0):
+    """Add point sources (sorted by y) whose stamps overlap ``band`` (rows ``y0`` ...);
+    ``q``, ``theta``: the PSF's axis ratio and major-axis angle (:func:`_stamp_any`)."""
     size = stamp.shape[0]
     h = size // 2
     nrows, ncols = band.shape
@@ -254,7 +300,7 @@ def _add_points(band, y0, xs, ys, fluxes, fwhms, kind, beta, oversample, stamp):
         iy = int(math.floor(ys[s] + 0.5))
         if iy + h < y0 or iy - h >= y0 + nrows or ix + h < 0 or ix - h >= ncols:
             continue
-        _stamp(kind, fwhms[s], beta, ys[s] - iy, xs[s] - ix, oversample, stamp)
+        _stamp_any(kind, fwhms[s], beta, q, theta, ys[s] - iy, xs[s] - ix, oversample, stamp)
         for i in range(size):
             r = iy - h + i - y0
             if r < 0 or r >= nrows:
@@ -314,11 +360,14 @@ class _Image:
 
     stream: int  # noise stream id
     sky: float
+    sky_gradient: float  # fractional sky change, as fwhm_variation's
     xs: np.ndarray  # point sources, sorted by y
     ys: np.ndarray
     fluxes: np.ndarray
     fwhms: np.ndarray
     galaxies: list[_Galaxy]
+    q: float = 1.0  # PSF axis ratio
+    theta: float = 0.0  # PSF major-axis angle from +x, radians
 
 
 @dataclass(frozen=True, eq=False)
@@ -380,7 +429,8 @@ def _plan(shape, *, seed=0, n_stars=None, star_density=1500.0, star_flux=(5.0, 5
           new_fwhm=4.0, ref_fwhm=3.0, psf="gaussian", beta=3.0, fwhm_variation=0.0,
           psf_size=None, oversample=5, flux_ratio=1.0, sky_new=1000.0, sky_ref=1000.0,
           gain=1.0, read_noise=5.0, saturation=None, shift=(0.0, 0.0), edge=20,
-          transient_on_galaxy_fraction=0.3, blank=False):
+          transient_on_galaxy_fraction=0.3, blank=False, new_axis_ratio=1.0,
+          ref_axis_ratio=1.0, new_angle=0.0, ref_angle=0.0, sky_gradient=0.0):
     """Validate the options, draw the catalogues and return ``(plan, tables, meta, psfs)``."""
     try:
         ny, nx = (int(s) for s in shape)
@@ -397,9 +447,6 @@ def _plan(shape, *, seed=0, n_stars=None, star_density=1500.0, star_flux=(5.0, 5
     new_fwhm, ref_fwhm = _positive("new_fwhm", new_fwhm), _positive("ref_fwhm", ref_fwhm)
     var = _positive("fwhm_variation", fwhm_variation, allow_zero=True)
     _check(var < 1, "fwhm_variation", fwhm_variation, "< 1")
-    size = (default_psf_size(max(new_fwhm, ref_fwhm) * (1 + var)) if psf_size is None
-            else _count("psf_size", psf_size, minimum=1))
-    _check(size % 2 == 1, "psf_size", psf_size, "odd")
     oversample = _count("oversample", oversample, minimum=1)
     flux_ratio = _positive("flux_ratio", flux_ratio)
     sky_new, sky_ref = (_positive(n, v, allow_zero=True)
@@ -409,6 +456,22 @@ def _plan(shape, *, seed=0, n_stars=None, star_density=1500.0, star_flux=(5.0, 5
     if saturation is not None:
         saturation = _positive("saturation", saturation)
     dx, dy = _pair("shift", shift)
+    axis = {}
+    for name, q, angle in (("new", new_axis_ratio, new_angle), ("ref", ref_axis_ratio, ref_angle)):
+        q = _positive(f"{name}_axis_ratio", q)
+        _check(q <= 1, f"{name}_axis_ratio", q, "<= 1 (minor over major axis)")
+        _check(isinstance(angle, (int, float, np.integer, np.floating))
+               and math.isfinite(angle), f"{name}_angle", angle, "a finite number of degrees")
+        axis[name] = (q, math.radians(float(angle)))
+    try:
+        grad = float(sky_gradient)
+    except (TypeError, ValueError):
+        grad = math.nan
+    _check(abs(grad) < 1, "sky_gradient", sky_gradient, "a number between -1 and 1 (exclusive)")
+    widest = max(new_fwhm / math.sqrt(axis["new"][0]), ref_fwhm / math.sqrt(axis["ref"][0]))
+    size = (default_psf_size(widest * (1 + var)) if psf_size is None
+            else _count("psf_size", psf_size, minimum=1))
+    _check(size % 2 == 1, "psf_size", psf_size, "odd")
     edge = _count("edge", edge)
     lo_snr, hi_snr = _range("transient_snr", transient_snr)
     star_flux, galaxy_flux = _range("star_flux", star_flux), _range("galaxy_flux", galaxy_flux)
@@ -436,8 +499,8 @@ def _plan(shape, *, seed=0, n_stars=None, star_density=1500.0, star_flux=(5.0, 5
     psfs = {}
     for name, fwhm in (("new", new_fwhm), ("ref", ref_fwhm)):
         psfs[name] = np.empty((size, size))
-        _stamp(kind, float(local_fwhm(fwhm, centre_x, centre_y)), beta, 0.0, 0.0, oversample,
-               psfs[name])
+        _stamp_any(kind, float(local_fwhm(fwhm, centre_x, centre_y)), beta, *axis[name],
+                   0.0, 0.0, oversample, psfs[name])
     fs = background_fs(psfs["new"], psfs["ref"], sigma_new, sigma_ref, flux_ratio)
 
     def rng(k):  # independent catalogue streams: changing one count leaves the others alone
@@ -472,59 +535,78 @@ def _plan(shape, *, seed=0, n_stars=None, star_density=1500.0, star_flux=(5.0, 5
         off = r.normal(size=(2, n_host)) * np.asarray(g_["scale"])
         tx[:n_host] = np.clip(g_["x"] + dx + off[0], edge, nx - 1 - edge)
         ty[:n_host] = np.clip(g_["y"] + dy + off[1], edge, ny - 1 - edge)
-    tflux = snr / math.sqrt(fs)
+    if grad:  # the expected S/N holds for the sky (and noise) where each transient is
+        def local_sigma(sky, x, y):
+            t = x / max(nx - 1, 1) + y / max(ny - 1, 1)
+            return math.sqrt(sky * (1.0 + grad * (t - 1.0)) / gain + (read_noise / gain) ** 2)
+
+        fs_at = np.array([background_fs(psfs["new"], psfs["ref"], local_sigma(sky_new, x, y),
+                                        local_sigma(sky_ref, x, y), flux_ratio)
+                          for x, y in zip(tx, ty)])
+        tflux = snr / np.sqrt(fs_at)
+    else:
+        tflux = snr / math.sqrt(fs)
     transients = Table({"x": tx, "y": ty, "flux": tflux, "flux_new": flux_ratio * tflux,
                         "expected_snr": snr, "fwhm": local_fwhm(new_fwhm, tx, ty),
                         "host": host})
 
-    def image(stream, sky, fwhm, px, py, pflux, gx, gy, gscale):
+    def image(which, stream, sky, fwhm, px, py, pflux, gx, gy, gscale):
         order = np.argsort(py, kind="stable")
         gals = []
         for x, y, row in zip(gx, gy, galaxies):
             ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
             gals.append(_Galaxy(iy, ix, y - iy, x - ix, row["scale"], row["q"], row["theta"],
                                 row["flux"] * gscale, float(local_fwhm(fwhm, x, y))))
-        return _Image(stream, sky, *(np.ascontiguousarray(a[order], dtype=float) for a in
-                      (px, py, pflux, local_fwhm(fwhm, px, py))), gals)
+        return _Image(stream, sky, grad, *(np.ascontiguousarray(a[order], dtype=float) for a in
+                      (px, py, pflux, local_fwhm(fwhm, px, py))), gals, *axis[which])
 
     plan = _Plan(
         (ny, nx), seed, kind, beta, size, oversample, gain, read_noise, saturation,
-        new=image(1, sky_new, new_fwhm, np.concatenate([sx + dx, tx]),
+        new=image("new", 1, sky_new, new_fwhm, np.concatenate([sx + dx, tx]),
                   np.concatenate([sy + dy, ty]), flux_ratio * np.concatenate([sflux, tflux]),
                   galaxies["x"] + dx, galaxies["y"] + dy, flux_ratio),
-        ref=image(2, sky_ref, ref_fwhm, sx, sy, sflux, galaxies["x"], galaxies["y"], 1.0))
+        ref=image("ref", 2, sky_ref, ref_fwhm, sx, sy, sflux, galaxies["x"], galaxies["y"], 1.0))
     meta = dict(sky_new=sky_new, sky_ref=sky_ref, gain=gain, read_noise=read_noise,
                 flux_ratio=flux_ratio, sigma_new=sigma_new, sigma_ref=sigma_ref,
                 saturation=saturation, shift=(dx, dy), seed=seed, fs=fs, psf=psf, beta=beta,
-                new_fwhm=new_fwhm, ref_fwhm=ref_fwhm, fwhm_variation=var)
+                new_fwhm=new_fwhm, ref_fwhm=ref_fwhm, fwhm_variation=var,
+                new_axis_ratio=axis["new"][0], ref_axis_ratio=axis["ref"][0],
+                new_angle=math.degrees(axis["new"][1]), ref_angle=math.degrees(axis["ref"][1]),
+                sky_gradient=grad)
     return plan, (transients, stars, galaxies), meta, psfs
 
 
-def _galaxy_stamp(plan, gal):
-    """Unit-sum exponential disc convolved with the local PSF, centred on its central pixel."""
+def _galaxy_stamp(plan, img, gal):
+    """Unit-sum exponential disc convolved with ``img``'s local PSF, centred on its central
+    pixel."""
     disc = np.empty((2 * int(math.ceil(_GALAXY_RADII * gal.scale)) + 1,) * 2)
     _disc(gal.scale, gal.q, gal.theta, gal.dy, gal.dx, plan.oversample, disc)
     psf = np.empty((plan.size, plan.size))
-    _stamp(plan.kind, gal.fwhm, plan.beta, 0.0, 0.0, plan.oversample, psf)
+    _stamp_any(plan.kind, gal.fwhm, plan.beta, img.q, img.theta, 0.0, 0.0, plan.oversample, psf)
     return _fft_convolve(disc, psf)
 
 
 def _render_band(plan, img, y0, y1):
     """Return the float32 image and true variance of rows ``y0:y1`` of one image."""
     ny, nx = plan.shape
-    model = np.full((y1 - y0, nx), img.sky, dtype=np.float32)
+    if img.sky_gradient:  # linear from (1 - g) at pixel (0, 0) to (1 + g) at the far corner
+        t = (np.arange(y0, y1)[:, None] / max(ny - 1, 1) + np.arange(nx) / max(nx - 1, 1))
+        model = (img.sky * (1.0 + img.sky_gradient * (t - 1.0))).astype(np.float32)
+    else:
+        model = np.full((y1 - y0, nx), img.sky, dtype=np.float32)
     h = plan.size // 2
     # point sources are sorted by y: select those whose stamp can reach the band
     iy = np.floor(img.ys + 0.5)
     a, b = np.searchsorted(iy, [y0 - h, y1 + h])
     _add_points(model, y0, img.xs[a:b], img.ys[a:b], img.fluxes[a:b], img.fwhms[a:b],
-                plan.kind, plan.beta, plan.oversample, np.empty((plan.size, plan.size)))
+                plan.kind, plan.beta, plan.oversample, np.empty((plan.size, plan.size)),
+                img.q, img.theta)
     for gal in img.galaxies:
         giy, gix = gal.iy, gal.ix
         gh = int(math.ceil(_GALAXY_RADII * gal.scale)) + h
         if giy + gh < y0 or giy - gh >= y1 or gix + gh < 0 or gix - gh >= nx:
             continue
-        stamp = _galaxy_stamp(plan, gal)
+        stamp = _galaxy_stamp(plan, img, gal)
         r0, r1 = max(giy - gh, y0), min(giy + gh + 1, y1)
         c0, c1 = max(gix - gh, 0), min(gix + gh + 1, nx)
         model[r0 - y0:r1 - y0, c0:c1] += (gal.flux * stamp[r0 - giy + gh:r1 - giy + gh,
@@ -610,6 +692,16 @@ def make_scene(shape=(512, 512), *, seed=0, band=1024, **options):
         Fraction of transients placed near a galaxy centre when galaxies exist, default 0.3.
     blank : bool, optional
         If True, no stars, galaxies or transients: sky and noise only.
+    new_axis_ratio, ref_axis_ratio : float, optional
+        Each PSF's axis ratio (minor over major, in (0, 1]), default 1 (circular); an
+        elongated PSF keeps the area of the circular one: FWHM ``fwhm / sqrt(q)`` along its
+        major axis and ``fwhm * sqrt(q)`` along the minor one.
+    new_angle, ref_angle : float, optional
+        Each PSF's major-axis angle from +x in degrees, default 0.
+    sky_gradient : float, optional
+        Fractional linear change of each sky level across the field, as ``fwhm_variation``
+        (``x (1 - g)`` at pixel (0, 0), ``x (1 + g)`` at the far corner); ``|g| < 1``,
+        default 0.  Transients' ``expected_snr`` then holds for the sky where each one is.
 
     Returns
     -------
