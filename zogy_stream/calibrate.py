@@ -77,6 +77,10 @@ PSF_RATIO_SYSTEMATIC = 0.015
 #: 1.5 and 2.0 given the true PSFs; 0.88 and 2.80 % for 1.5 and 2.5 with estimated
 #: ones (larger apertures: more noise and background error)
 CROSS_APERTURE = 1.5
+#: Radius of the inner aperture (in FWHM of ``P_n (x) P_r``) whose ratio a galaxy's
+#: annulus must share (:func:`zogy_stream.stars.contaminated_sources`): 83 % of a
+#: point source's light, so that a transient near a galaxy's centre falls in it.
+CROSS_INNER = 0.8
 #: most (brightest) stars per region with PSF fluxes for the flux ratio
 MAX_RATIO_STARS = 300
 #: fewest matched stars whose flux ratio is used (with a warning) when the
@@ -1138,12 +1142,14 @@ def _fit_cross_convolved(new_regions, ref_regions, psfs, snr_min: float, *,
     """
     from astropy.table import Table
 
-    from .stars import cross_convolved_photometry, fit_flux_ratio, match_stars
+    from .stars import (contaminated_sources, cross_convolved_photometry, fit_flux_ratio,
+                        match_stars)
 
     if len(new_regions) != len(ref_regions):
         return None
     psfs = psfs or (None, None)
     parts = []
+    n_changed = 0
     for rn, rr in zip(new_regions, ref_regions):
         cn, cr = rn.cat, rr.cat
         need = ("star_like", "isolated", "saturated", "flag", "fwhm", "snr")
@@ -1161,24 +1167,36 @@ def _fit_cross_convolved(new_regions, ref_regions, psfs, snr_min: float, *,
         ia, ib = ia[ok], ib[ok]
         if len(ia) == 0:
             continue
-        radius = float(np.clip(CROSS_APERTURE * np.hypot(psf_fwhm(pn), psf_fwhm(pr)),
-                               3.0, 40.0))
+        fwhm_c = float(np.hypot(psf_fwhm(pn), psf_fwhm(pr)))
+        radius = float(np.clip(CROSS_APERTURE * fwhm_c, 3.0, 40.0))
+        inner = float(np.clip(CROSS_INNER * fwhm_c, 1.5, 0.8 * radius))
         # saturated pixels exclude the apertures they reach; masked ones (cosmic
         # rays, the user's mask) are filled from their neighbours where small
         masks = [None if r.saturation is None else np.asarray(r.data) >= r.saturation
                  for r in (rn, rr)]
         try:
-            fn, en, fr, er, good = cross_convolved_photometry(
+            fn, en, fr, er, good, sums_in = cross_convolved_photometry(
                 np.asarray(rn.data, np.float64) - rn.back,
                 np.asarray(rr.data, np.float64) - rr.back, pn, pr,
                 np.column_stack([np.asarray(cn["x"])[ia], np.asarray(cn["y"])[ia]]),
                 np.column_stack([np.asarray(cr["x"])[ib], np.asarray(cr["y"])[ib]]),
                 radius, rms_new=rn.rms, rms_ref=rr.rms, mask_new=masks[0], mask_ref=masks[1],
-                fill_new=rn.mask, fill_ref=rr.mask)
+                fill_new=rn.mask, fill_ref=rr.mask, inner=inner)
         except InputError as exc:
             log.info("no cross-convolved photometry in %s (%s)", rn.box, exc)
             continue
+        # a galaxy whose light changed where a transient sits on it (stars: a change
+        # of the whole source, left to the fit's outlier rejection)
+        extended = ~(np.asarray(cn["star_like"], bool)[ia] & np.asarray(cr["star_like"], bool)[ib])
+        changed = np.zeros(len(ia), bool)
+        test = good & extended
+        changed[test] = contaminated_sources(fn[test], fr[test], sums_in[test])
+        n_changed += int(changed.sum())
+        good &= ~changed
         parts.append(np.column_stack([fn, en, fr, er])[good])
+    if n_changed:
+        log.info("flux ratio: %d extended source(s) left out, their inner and outer parts "
+                 "changed by different factors (transients on galaxies?)", n_changed)
     if not parts:
         return None
     f = np.concatenate(parts)
