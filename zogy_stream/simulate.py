@@ -145,20 +145,19 @@ def _stamp(kind, fwhm, beta, dy, dx, oversample, out):
 
 
 @njit(cache=True, nogil=True)
-def _stamp_elliptical(kind, fwhm, beta, q, theta, dy, dx, oversample, out):
-    """As :func:`_stamp`, elongated: axis ratio ``q`` (minor / major, <= 1), major axis
-    at angle ``theta`` (radians) from +x, and FWHM ``fwhm / sqrt(q)`` along the major
-    axis and ``fwhm * sqrt(q)`` along the minor one (the area of the circular profile)."""
+def _elliptical(profile, scale_a, scale_b, beta, theta, dy, dx, oversample, out):
+    """Unit-sum, pixel-averaged elliptical profile centred at ``size//2 + (dy, dx)``.
+
+    ``r`` is the elliptical radius with scales ``scale_a`` along the major axis (at
+    angle ``theta`` from +x) and ``scale_b`` along the minor one; ``profile`` 0 is a
+    Gaussian ``exp(-r^2 / 2)``, 1 a Moffat ``(1 + r^2)^-beta``, 2 an exponential disc
+    ``exp(-r)``.  Each pixel is the mean of ``oversample**2`` sub-samples.
+    """
     size = out.shape[0]
     c = size // 2
     n = oversample
     ct, st = math.cos(theta), math.sin(theta)
-    if kind == 0:
-        scale = fwhm / 2.3548200450309493
-    else:
-        scale = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    ia2 = q / (scale * scale)  # 1 / (major-axis scale)^2
-    ib2 = 1.0 / (q * scale * scale)
+    ia2, ib2 = 1.0 / (scale_a * scale_a), 1.0 / (scale_b * scale_b)
     total = 0.0
     for i in range(size):
         for j in range(size):
@@ -170,13 +169,28 @@ def _stamp_elliptical(kind, fwhm, beta, q, theta, dy, dx, oversample, out):
                     a = u * ct + v * st
                     b = v * ct - u * st
                     r2 = a * a * ia2 + b * b * ib2
-                    if kind == 0:
+                    if profile == 0:
                         s += math.exp(-0.5 * r2)
-                    else:
+                    elif profile == 1:
                         s += (1.0 + r2) ** -beta
+                    else:
+                        s += math.exp(-math.sqrt(r2))
             out[i, j] = s
             total += s
     out /= total
+
+
+@njit(cache=True, nogil=True)
+def _stamp_elliptical(kind, fwhm, beta, q, theta, dy, dx, oversample, out):
+    """As :func:`_stamp`, elongated: axis ratio ``q`` (minor / major, <= 1), major axis
+    at angle ``theta`` (radians) from +x, and FWHM ``fwhm / sqrt(q)`` along the major
+    axis and ``fwhm * sqrt(q)`` along the minor one (the area of the circular profile)."""
+    if kind == 0:
+        scale = fwhm / 2.3548200450309493
+    else:
+        scale = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    root = math.sqrt(q)
+    _elliptical(kind, scale / root, scale * root, beta, theta, dy, dx, oversample, out)
 
 
 @njit(cache=True, nogil=True)
@@ -314,24 +328,7 @@ def _add_points(band, y0, xs, ys, fluxes, fwhms, kind, beta, oversample, stamp, 
 @njit(cache=True, nogil=True)
 def _disc(scale, q, theta, dy, dx, oversample, out):
     """Unit-sum, pixel-averaged elliptical exponential disc centred at ``size//2 + (dy, dx)``."""
-    size = out.shape[0]
-    c = size // 2
-    n = oversample
-    ct, st = math.cos(theta), math.sin(theta)
-    total = 0.0
-    for i in range(size):
-        for j in range(size):
-            s = 0.0
-            for k in range(n):
-                v = i - c + (k + 0.5) / n - 0.5 - dy
-                for m in range(n):
-                    u = j - c + (m + 0.5) / n - 0.5 - dx
-                    a = u * ct + v * st
-                    b = (v * ct - u * st) / q
-                    s += math.exp(-math.sqrt(a * a + b * b) / scale)
-            out[i, j] = s
-            total += s
-    out /= total
+    _elliptical(2, scale, q * scale, 1.0, theta, dy, dx, oversample, out)
 
 
 def _fft_convolve(a, b):
