@@ -1500,27 +1500,30 @@ def contaminated_sources(flux_new, flux_ref, inner_sums, *, nsigma: float = 3.0,
     """
     fn, fr = np.asarray(flux_new, np.float64), np.asarray(flux_ref, np.float64)
     q = np.asarray(inner_sums, np.float64).reshape(-1, 8)
-    n_in, r_in_sum = q[:, 0], q[:, 4]
-    n_an, r_an_sum = fn - n_in, fr - r_in_sum  # the annulus
+    new_in, ref_in = q[:, 0], q[:, 4]
+    new_an, ref_an = fn - new_in, fr - ref_in  # the annulus
     with np.errstate(invalid="ignore", divide="ignore"):
-        r_in, r_an = n_in / r_in_sum, n_an / r_an_sum
-        measurable = (r_in_sum > 0) & (r_an_sum > 0) & (n_in > 0) & (n_an > 0)
+        ratio_in, ratio_an = new_in / ref_in, new_an / ref_an
+        measurable = (ref_in > 0) & (ref_an > 0) & (new_in > 0) & (new_an > 0)
         expect = 1.0
         if relative and measurable.sum() >= min_relative:
-            expect = float(np.median((r_in / r_an)[measurable]))
-        r_an = expect * r_an  # what the inner ratio should be
+            expect = float(np.median((ratio_in / ratio_an)[measurable]))
+        ratio_an = expect * ratio_an  # what the inner ratio should be
 
         def var_of(forms, a_in, a_an):
-            # noise of a_in * S_in / R_in - a_an * S_an / R_an, S = the image's sums
+            # noise of a_in * X_in / ref_in - a_an * X_an / ref_an, where X are the
+            # inner and annulus sums of the image whose noise ``forms`` describe
             ii, io, oo = forms.T
-            return ((a_in / r_in_sum) ** 2 * ii
-                    - 2 * a_in * a_an / (r_in_sum * r_an_sum) * (io - ii)
-                    + (a_an / r_an_sum) ** 2 * (oo - 2 * io + ii))
+            return ((a_in / ref_in) ** 2 * ii
+                    - 2 * a_in * a_an / (ref_in * ref_an) * (io - ii)
+                    + (a_an / ref_an) ** 2 * (oo - 2 * io + ii))
 
-        var = var_of(q[:, 1:4], 1.0, expect) + var_of(q[:, 5:8], r_in, r_an)
-        z = (r_in - r_an) / np.sqrt(np.maximum(var, 0.0))
+        # linearised: d(ratio_in - ratio_an) = dN_in/ref_in - expect dN_an/ref_an
+        #                                     - ratio_in dR_in/ref_in + ratio_an dR_an/ref_an
+        var = var_of(q[:, 1:4], 1.0, expect) + var_of(q[:, 5:8], ratio_in, ratio_an)
+        z = (ratio_in - ratio_an) / np.sqrt(np.maximum(var, 0.0))
         out = (measurable & (var > 0) & (np.abs(z) > nsigma)
-               & (np.abs(r_in - r_an) > tolerance * (fn / fr)))
+               & (np.abs(ratio_in - ratio_an) > tolerance * (fn / fr)))
     return np.where(np.isfinite(z), out, False)
 
 
