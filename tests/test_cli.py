@@ -376,6 +376,10 @@ def _bad_cases():
             "--new-psf", str(b("psfneg.fits")(s)), "--ref-psf", str(s["ref_psf"])],
         "psf-zero-sum": lambda s, o: args(s, o / "d.fits", psf=False) + [
             "--new-psf", str(s["new_psf"]), "--ref-psf", str(b("psfzero.fits")(s))],
+        # the image itself given as the PSF (it would run, with warnings, into
+        # thousands of candidates)
+        "psf-is-the-image": lambda s, o: args(s, o / "d.fits", psf=False) + [
+            "--new-psf", str(s["new"]), "--ref-psf", str(s["ref_psf"])],
         "psf-missing-new": lambda s, o: args(s, o / "d.fits", psf=False,
                                              new=s["bad"]["blank.fits"]) + [
             "--ref-psf", str(s["ref_psf"])],

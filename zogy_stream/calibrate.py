@@ -203,8 +203,10 @@ def _is_psfex(src) -> bool:
         return False
 
 
-def load_psf_source(src, label: str, *, psf_size: int | None) -> PsfSource | None:
-    """A PSF image or a PSFEx model; ``None`` when nothing was given."""
+def load_psf_source(src, label: str, *, psf_size: int | None,
+                    image_shape=None) -> PsfSource | None:
+    """A PSF image or a PSFEx model; ``None`` when nothing was given.  A PSF image
+    at least as large as ``image_shape`` is refused (see :func:`load_psf`)."""
     flag = f"--{label.lower()}-psf"
     if src is None:
         return None
@@ -223,7 +225,7 @@ def load_psf_source(src, label: str, *, psf_size: int | None) -> PsfSource | Non
         except ProcessingError as exc:
             raise InputError(f"{flag} '{src}': {exc}") from None
         return PsfSource(label, "psfex", centre, centre, model=model, size=size)
-    psf = load_psf(src, label=flag)
+    psf = load_psf(src, label=flag, image_shape=image_shape)
     return PsfSource(label, "image", psf, psf, size=max(psf.shape))
 
 

@@ -270,8 +270,8 @@ def _calibrate(inputs: Inputs, opts: Options, readers, shape, sat, gain, *,
     """
     from . import calibrate as cb
 
-    src_n = cb.load_psf_source(inputs.new_psf, "NEW", psf_size=opts.psf_size)
-    src_r = cb.load_psf_source(inputs.ref_psf, "REF", psf_size=opts.psf_size)
+    src_n = cb.load_psf_source(inputs.new_psf, "NEW", psf_size=opts.psf_size, image_shape=shape)
+    src_r = cb.load_psf_source(inputs.ref_psf, "REF", psf_size=opts.psf_size, image_shape=shape)
     for i, src in enumerate((src_n, src_r)):
         if src is not None and src.kind == "psfex":
             centre, largest = cb.psfex_extremes(src, shape)

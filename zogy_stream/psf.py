@@ -43,24 +43,32 @@ def normalise_psf(psf, *, label: str = "PSF") -> np.ndarray:
     return arr / total
 
 
-def load_psf(source, *, label: str = "PSF") -> np.ndarray:
+def load_psf(source, *, label: str = "PSF", image_shape=None) -> np.ndarray:
     """Load a PSF from a FITS image path or an array; normalise and centre it.
 
     A PSF whose centroid is more than :data:`RECENTRE_TOLERANCE` pixels from
     its centre pixel ``(ny // 2, nx // 2)`` -- typically an even-sized model
     centred on the geometric middle -- is re-centred (see :func:`centre_psf`).
+    With ``image_shape`` (the images' ``(ny, nx)``), a stamp at least as large
+    as the image along either axis is refused: that is an image given as the PSF.
 
     Raises
     ------
     InputError
-        Unreadable file or invalid PSF.
+        Unreadable file or invalid PSF, or a stamp as large as the image.
     """
     if isinstance(source, np.ndarray):
-        return centre_psf(normalise_psf(source, label=label), label=label)
-    from .fitsio import read_image
+        data, name = source, label
+    else:
+        from .fitsio import read_image
 
-    data, _ = read_image(source, label=label)
-    name = f"{label} '{source}'"
+        data, _ = read_image(source, label=label)
+        name = f"{label} '{source}'"
+    if image_shape is not None and np.ndim(data) == 2 and (
+            data.shape[0] >= image_shape[0] or data.shape[1] >= image_shape[1]):
+        raise InputError(f"{name}: a {data.shape[1]}x{data.shape[0]} stamp is as large as the "
+                         f"{image_shape[1]}x{image_shape[0]} image; give the PSF's stamp "
+                         "(an image of one centred point source), not an image")
     return centre_psf(normalise_psf(data, label=name), label=name)
 
 
