@@ -19,6 +19,7 @@ import os
 # this when it is loaded, so it is set here, before anything imports pyfftw or
 # numba; a user's explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from .deblend import split_blends
 from .errors import Cancelled, ConfigError, InputError, ProcessingError, ZogyError
 from .masks import EXCLUDE_CANDIDATE, MaskBit
 from .options import Options
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "zogy", "stream", "subtract", "plan_run",
     "ZogyResult", "TileResult", "SubtractSummary", "Options", "KernelSet", "make_kernels",
-    "MaskBit", "EXCLUDE_CANDIDATE", "Box", "Tile", "TileGrid", "fft_size",
+    "split_blends", "MaskBit", "EXCLUDE_CANDIDATE", "Box", "Tile", "TileGrid", "fft_size",
     "ZogyError", "InputError", "ConfigError", "ProcessingError", "Cancelled",
     "__version__",
 ]

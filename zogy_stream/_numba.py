@@ -757,3 +757,168 @@ def _pread_convert(fd, word, vals, out, first, stride, step, swap, bscale, bzero
                 v = v + f_zero
             row[j] = v
     return out.shape[0]
+
+
+
+@njit(**_OPTS)
+def _keys(d):
+    """Keys' cubic convolution weight (a = -0.5) at distance ``d``."""
+    d = abs(d)
+    if d <= 1.0:
+        return (1.5 * d - 2.5) * d * d + 1.0
+    if d < 2.0:
+        return ((-0.5 * d + 2.5) * d - 4.0) * d + 2.0
+    return 0.0
+
+
+@njit(**_OPTS)
+def _bicubic(a, y, x):
+    """``a`` at the fractional position (y, x) by Keys' cubic convolution; the
+    4x4 neighbourhood must lie inside ``a``."""
+    iy = int(np.floor(y))
+    ix = int(np.floor(x))
+    ty = y - iy
+    tx = x - ix
+    wx0 = _keys(tx + 1.0)
+    wx1 = _keys(tx)
+    wx2 = _keys(tx - 1.0)
+    wx3 = _keys(tx - 2.0)
+    v = 0.0
+    for k in range(4):
+        row = a[iy - 1 + k]
+        v += _keys(ty - (k - 1)) * (wx0 * row[ix - 1] + wx1 * row[ix] + wx2 * row[ix + 1]
+                                    + wx3 * row[ix + 2])
+    return v
+
+
+@njit(**_OPTS)
+def _pair_gain(s, acorr, c, p, sign, min_sep2):
+    """chi^2 removed by two point sources at ``p = (y0, x0, y1, x1)`` (see
+    :func:`_blend_fit`), or -1 when they are too close or an amplitude has the
+    wrong sign."""
+    dy = p[2] - p[0]
+    dx = p[3] - p[1]
+    if dy * dy + dx * dx < min_sep2:
+        return -1.0
+    a0 = acorr[c, c]
+    g = _bicubic(acorr, c + dy, c + dx)
+    det = a0 * a0 - g * g
+    if det <= 0.0:
+        return -1.0
+    b0 = sign * _bicubic(s, p[0], p[1])
+    b1 = sign * _bicubic(s, p[2], p[3])
+    if a0 * b0 - g * b1 <= 0.0 or a0 * b1 - g * b0 <= 0.0:
+        return -1.0
+    return (a0 * (b0 * b0 + b1 * b1) - 2.0 * g * b0 * b1) / det
+
+
+@njit(**_OPTS)
+def _blend_fit(s, i, j, r, sign, acorr, min_sep2):
+    """One and two point sources fitted to the window of ``s`` within ``r`` of (i, j).
+
+    ``s`` is the correlation of D with P_D (S / F_D, eq. 17), ``acorr`` P_D's
+    autocorrelation, centred, of half size >= 2 r + 2; ``s`` must extend
+    ``r + 2`` pixels beyond the window.  With white unit-variance noise in D,
+    sources at positions p, q with amplitudes ``G^-1 b``, ``b = (s(p), s(q))``,
+    ``G = [[A0, A(p-q)], [A(p-q), A0]]``, remove ``b^T G^-1 b`` from chi^2 (one
+    source: ``s(p)^2 / A0``).  The best pixel pair (at least
+    ``sqrt(min_sep2)`` apart, both amplitudes of ``sign``) is refined to
+    1/32 pixel by coordinate search on ``s`` and ``A`` interpolated
+    bicubically; the single source likewise.
+
+    Returns (gain1, gain2, y0, x0, y1, x1, amp0, amp1, var0, var1, resid):
+    the chi^2 removals, the pair's positions (in ``s``'s pixels) and
+    amplitudes, the amplitudes' variances for unit noise at fixed positions
+    (``G^-1``'s diagonal), and the largest |s - model of s| over the window
+    in units of its noise ``sqrt(A0)`` (a pair that describes the data leaves
+    noise).
+    """
+    c = acorr.shape[0] // 2
+    a0 = acorr[c, c]
+    n = 2 * r + 1
+    p = np.empty(4)
+    best = -1.0
+    by0, bx0, by1, bx1 = i, j, i, j
+    for k in range(n * n):
+        y0 = i - r + k // n
+        x0 = j - r + k % n
+        if sign * s[y0, x0] <= 0.0:
+            continue
+        for m in range(k + 1, n * n):
+            y1 = i - r + m // n
+            x1 = j - r + m % n
+            if sign * s[y1, x1] <= 0.0:
+                continue
+            dy = y1 - y0
+            dx = x1 - x0
+            if dy * dy + dx * dx < min_sep2:
+                continue
+            b0 = sign * s[y0, x0]
+            b1 = sign * s[y1, x1]
+            g = acorr[c + dy, c + dx]
+            det = a0 * a0 - g * g
+            if det <= 0.0 or a0 * b0 - g * b1 <= 0.0 or a0 * b1 - g * b0 <= 0.0:
+                continue
+            q = (a0 * (b0 * b0 + b1 * b1) - 2.0 * g * b0 * b1) / det
+            if q > best:
+                best = q
+                by0, bx0, by1, bx1 = y0, x0, y1, x1
+    # the single source: the peak of s, refined
+    one = np.empty(2)
+    one[0] = i
+    one[1] = j
+    g1 = (sign * s[i, j]) ** 2 / a0
+    step = 0.5
+    while step > 1.0 / 64.0:
+        moved = True
+        while moved:
+            moved = False
+            for ax in range(2):
+                for d in (-step, step):
+                    one[ax] += d
+                    if abs(one[0] - i) <= r and abs(one[1] - j) <= r:
+                        v = sign * _bicubic(s, one[0], one[1])
+                        if v > 0.0 and v * v / a0 > g1:
+                            g1 = v * v / a0
+                            moved = True
+                            continue
+                    one[ax] -= d
+        step *= 0.5
+    if best < 0.0:
+        return g1, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    p[0] = by0
+    p[1] = bx0
+    p[2] = by1
+    p[3] = bx1
+    step = 0.5
+    while step > 1.0 / 64.0:
+        moved = True
+        while moved:
+            moved = False
+            for ax in range(4):
+                for d in (-step, step):
+                    p[ax] += d
+                    ok = abs(p[ax] - (i if ax % 2 == 0 else j)) <= r
+                    if ok:
+                        q = _pair_gain(s, acorr, c, p, sign, min_sep2)
+                        if q > best:
+                            best = q
+                            moved = True
+                            continue
+                    p[ax] -= d
+        step *= 0.5
+    g = _bicubic(acorr, c + p[2] - p[0], c + p[3] - p[1])
+    det = a0 * a0 - g * g
+    b0 = sign * _bicubic(s, p[0], p[1])
+    b1 = sign * _bicubic(s, p[2], p[3])
+    amp0 = (a0 * b0 - g * b1) / det
+    amp1 = (a0 * b1 - g * b0) / det
+    resid = 0.0
+    for k in range(n * n):
+        y = i - r + k // n
+        x = j - r + k % n
+        mdl = (amp0 * _bicubic(acorr, c + y - p[0], c + x - p[1])
+               + amp1 * _bicubic(acorr, c + y - p[2], c + x - p[3]))
+        resid = max(resid, abs(sign * s[y, x] - mdl))
+    return (g1, best, p[0], p[1], p[2], p[3], sign * amp0, sign * amp1, a0 / det, a0 / det,
+            resid / np.sqrt(a0))

@@ -17,7 +17,7 @@ __all__ = ["find_candidates", "candidate_table", "write_catalog", "CANDIDATE_COL
 log = logging.getLogger(__name__)
 
 CANDIDATE_COLUMNS = ("x", "y", "ra", "dec", "scorr", "flux", "flux_err", "sign",
-                     "x_peak", "y_peak", "mask", "tile", "flags", "sharp")
+                     "x_peak", "y_peak", "mask", "tile", "flags", "sharp", "blend")
 
 
 def _refine(v: np.ndarray, i: int, j: int) -> tuple[float, float]:
@@ -91,11 +91,19 @@ def find_candidates(scorr, flux, flux_err, mask, *, border: int, threshold: floa
 
 
 def candidate_table(parts: list[Table], *, wcs=None) -> Table:
-    """Stack per-tile candidates, add ra/dec from ``wcs``, sort by |S_corr|."""
+    """Stack per-tile candidates, add ra/dec from ``wcs``, sort by |S_corr|; the
+    ``blend`` numbers of split pairs, per tile, are made unique in the table."""
     parts = [p for p in parts if len(p)]
     if parts:
         tab = vstack(parts, metadata_conflicts="silent")
         tab.meta = {}
+        if "blend" in tab.colnames:
+            bl = np.asarray(tab["blend"], np.int64)
+            pairs = np.asarray(tab["tile"], np.int64) * (int(bl.max()) + 1) + bl
+            ids = np.zeros(len(bl), np.int32)
+            if (bl > 0).any():
+                ids[bl > 0] = np.unique(pairs[bl > 0], return_inverse=True)[1] + 1
+            tab["blend"] = ids
     else:
         tab = find_candidates(np.zeros((3, 3), np.float32), np.zeros((3, 3), np.float32),
                               np.zeros((3, 3), np.float32), np.zeros((3, 3), np.uint8),

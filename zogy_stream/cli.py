@@ -150,6 +150,9 @@ def subtraction_parent() -> argparse.ArgumentParser:
                         "tile to its bright stars; 0: off)")
     g.add_argument("--no-noise-correction", action="store_true",
                    help="do not rescale S_corr per tile to unit dispersion on blank sky")
+    g.add_argument("--no-deblend", action="store_true",
+                   help="keep each S_corr peak one candidate (default: a peak that is two "
+                        "point sources, e.g. two transients on one host, becomes two)")
     g.add_argument("--cosmic-rays", choices=("auto", "on", "off"), default="auto",
                    help="mask cosmic rays (auto: on for single exposures given without "
                         "variance/weight/error map or mask, off for coadds with NCOMBINE > 1)")
@@ -214,6 +217,7 @@ def subtract_kwargs(args: argparse.Namespace) -> dict:
         ref_err=args.ref_err, gain=args.gain,
         gain_key=args.gain_key, saturate_key=args.saturate_key, psf_size=args.psf_size,
         local_psf=not args.no_local_psf, noise_correction=not args.no_noise_correction,
+        deblend=not args.no_deblend,
         model_error=args.model_error,
         cosmic_rays=args.cosmic_rays, zeropoint=args.zeropoint,
         registration=not args.no_registration,

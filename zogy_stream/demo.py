@@ -15,18 +15,26 @@ log = logging.getLogger(__name__)
 
 
 def match_truth(truth: Table, cands: Table, *, radius: float = 2.0) -> np.ndarray:
-    """Index into ``cands`` of the positive candidate nearest each truth row
-    within ``radius`` pixels, or -1."""
+    """Index into ``cands`` of the positive candidate matched to each truth row
+    within ``radius`` pixels, or -1.
+
+    One to one: the closest truth-candidate pairs are matched first, and a
+    candidate matched once is not matched again (one candidate between two
+    blended transients recovers one of them, not both)."""
     idx = np.full(len(truth), -1)
-    if len(cands) == 0:
+    if len(cands) == 0 or len(truth) == 0:
         return idx
-    pos = cands[cands["sign"] > 0] if "sign" in cands.colnames else cands
-    rows = np.nonzero(cands["sign"] > 0)[0] if "sign" in cands.colnames else np.arange(len(cands))
-    cx, cy = np.asarray(pos["x"]), np.asarray(pos["y"])
-    for i, (x, y) in enumerate(zip(truth["x"], truth["y"])):
-        d2 = (cx - x) ** 2 + (cy - y) ** 2
-        if d2.size and d2.min() <= radius ** 2:
-            idx[i] = rows[int(np.argmin(d2))]
+    rows = (np.nonzero(np.asarray(cands["sign"]) > 0)[0] if "sign" in cands.colnames
+            else np.arange(len(cands)))
+    cx, cy = np.asarray(cands["x"], float)[rows], np.asarray(cands["y"], float)[rows]
+    tx, ty = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
+    d2 = (tx[:, None] - cx[None]) ** 2 + (ty[:, None] - cy[None]) ** 2
+    ti, ci = np.nonzero(d2 <= radius ** 2)
+    used = np.zeros(len(rows), bool)
+    for k in np.argsort(d2[ti, ci], kind="stable"):
+        if idx[ti[k]] < 0 and not used[ci[k]]:
+            idx[ti[k]] = rows[ci[k]]
+            used[ci[k]] = True
     return idx
 
 

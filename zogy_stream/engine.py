@@ -164,6 +164,9 @@ class TileEngine:
                 # the next run
                 wisdom.save(learned=learned)
         self.kernels = KernelCache(plan.grid.size, dtype=np.float32)
+        # P_D and F_D for deblending, by kernel key (shared with forks: a race
+        # only builds one twice)
+        self._psf_d: dict = {}
         self.mesh_new = MeshBackground(self.readers["NEW"], cell=o.bkg_mesh,
                                        saturation=plan.saturation[0], subtract=o.background,
                                        fallback_sigma=plan.sigma[0])
@@ -496,6 +499,8 @@ class TileEngine:
                                 threshold=o.threshold, radius=b, exclude=EXCLUDE_CANDIDATE,
                                 origin=(tile.core.y0 - b, tile.core.x0 - b), tile=tile.index,
                                 score=out["s"])
+        if len(cands) and p.blend_radius:
+            cands = self._deblend(cands, ks, key, psf_n, psf_r, tile)
         sx, sy = p.psf_sources[0].shift if p.psf_sources[0] is not None else (0.0, 0.0)
         if len(cands) and (sx or sy):
             # S_corr peaks where the model (REF's grid) puts a source; NEW, whose PSF
@@ -528,6 +533,36 @@ class TileEngine:
         cands.meta["tile_stats"] = _Carried({"index": tile.index, **res.stats})
         tim["candidates"] += time.perf_counter() - t3  # noise factor, peaks, flags
         return res
+
+    def _deblend(self, cands, ks, psf_key, psf_n, psf_r, tile):
+        """Candidates that are two point sources split in two (:func:`split_blends`)."""
+        from .deblend import PAD, psf_autocorrelation, split_blends
+        from .zogy import PsfSpectra, make_kernels
+
+        p = self.plan
+        r = p.blend_radius
+        e = r + PAD
+        region = tile.core_in_window.grow(e)
+        s = self.sub.score_on(region)
+        if s is None:  # the image-space path computed less: the peak's own region
+            e = p.peak_radius
+            region = tile.core_in_window.grow(e)
+            s = self.sub.score_on(region)
+        key = (psf_key, ks.sigma_n, ks.sigma_r, ks.flux_ratio)
+        got = self._psf_d.get(key)
+        if got is None:
+            # P_D on a small grid: the same spectra as the tile's kernels (eq. 14)
+            size = max(psf_n.shape[0], psf_r.shape[0])
+            small = make_kernels(PsfSpectra.from_psfs(psf_n, psf_r, (2 * size + 2,) * 2),
+                                 sigma_n=ks.sigma_n, sigma_r=ks.sigma_r, flux_ratio=ks.flux_ratio,
+                                 dtype=np.float64, psf_d_radius=size // 2)
+            got = self._psf_d[key] = (small.psf_d, psf_autocorrelation(small.psf_d, r))
+            if len(self._psf_d) > 64:
+                self._psf_d.pop(next(iter(self._psf_d)))
+        return split_blends(cands, s, got[0], ks.f_d, origin=(tile.core.y0 - e, tile.core.x0 - e),
+                            radius=r, threshold=self.plan.opts.threshold,
+                            mask=self._grown[region.slices], exclude=EXCLUDE_CANDIDATE,
+                            acorr=got[1])
 
 
 _CUT_NSIGMA = 10.0  # a border pixel this far above the sky is a source cut by the border

@@ -121,6 +121,9 @@ class Options:
     noise_correction : bool
         Rescale S_corr per tile by its measured robust dispersion on blank sky
         (correlated noise of resampled/coadded images).
+    deblend : bool
+        Split a candidate into two when it is two point sources closer than
+        S_corr resolves (:mod:`zogy_stream.deblend`); default on.
     cosmic_rays : str
         ``auto`` (on for an image given without variance/weight/error map and mask
         and not a coadd, NCOMBINE <= 1), ``on`` or ``off``.
@@ -160,6 +163,7 @@ class Options:
     psf_size: int | None = None
     local_psf: bool = True
     noise_correction: bool = True
+    deblend: bool = True
     model_error: float | str = "auto"
     cosmic_rays: str = "auto"
     zeropoint: float | None = None
@@ -252,6 +256,7 @@ class Options:
             gain_key=str(o.gain_key).upper(), saturate_key=str(o.saturate_key).upper(),
             psf_size=None if o.psf_size is None else int(o.psf_size),
             local_psf=bool(o.local_psf), noise_correction=bool(o.noise_correction),
+            deblend=bool(o.deblend),
             model_error=me, cosmic_rays=cr, zeropoint=None if o.zeropoint is None else float(o.zeropoint),
             registration=bool(o.registration),
         )

@@ -409,6 +409,7 @@ def output_header(plan: RunPlan) -> fits.Header:
         ("COSMNEW", plan.cosmics[0], "cosmic rays detected and masked in new"),
         ("COSMREF", plan.cosmics[1], "cosmic rays detected and masked in ref"),
         ("NOISCORR", o.noise_correction, "per-tile S_corr noise correction enabled"),
+        ("DEBLEND", plan.blend_radius, "[pix] half size searched for blends (0: off)"),
         ("SIGNEW", plan.sigma[0], "global background noise of new"),
         ("SIGREF", plan.sigma[1], "global background noise of ref"),
         ("GAINNEW", plan.gain[0] if plan.gain[0] else "none", "gain for new Poisson variance"),

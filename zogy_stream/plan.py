@@ -117,6 +117,7 @@ class RunPlan:
     cosmics: tuple[bool, bool] = (False, False)
     read_noise: tuple[float | None, float | None] = (None, None)
     bleed: int = 0
+    blend_radius: int = 0
 
     @property
     def has_var(self) -> bool:
@@ -222,13 +223,28 @@ def plan_run(inputs: Inputs, opts: Options) -> RunPlan:
     grow = max(kernel_radius(pn, pr, tol=1e-3, **kw) for pn, pr in pairs)
     fwhm_max = max(psf_fwhm(p) for pair in pairs for p in pair)
     peak = max(2, int(round(0.5 * fwhm_max)))
-    margin = opts.overlap if opts.overlap is not None else rk + peak + 2
+    want = 0
+    if opts.deblend:
+        from .deblend import PAD, blend_radius
+
+        want = blend_radius(fwhm_max)  # the windows searched need S that far beyond
+    margin = (opts.overlap if opts.overlap is not None
+              else rk + max(peak + 2, want + PAD if want else 0))
     if opts.image_space and margin < rk + peak + 2:
         raise InputError(f"--overlap {margin} is smaller than the image-space kernel needs "
                          f"({rk + peak + 2}); drop --overlap or raise it")
     margin = max(margin, peak + 2)
     grid = TileGrid(shape, opts.tile, margin)
     bleed = int(min(margin, max(4, round(3 * fwhm_max))))
+    blend = 0
+    if want:
+        # what the overlap leaves valid of S beyond the cores (the same for every
+        # tile, so the tiling changes nothing); less only with a small --overlap
+        blend = min(want, margin - rk - PAD)
+        if blend < 2:
+            log.info("deblending off: the overlap leaves %d px of S beyond the cores",
+                     margin - rk)
+            blend = 0
     log.info("image %dx%d, %d tiles of %d (padded %dx%d), kernel radius %d px, "
              "sigma new %.4g ref %.4g; PSFs: new %s, ref %s; flux ratio %.4g (%s); "
              "astrometric sigma %.3g %.3g (%s); cosmic rays new %s ref %s", shape[1], shape[0],
@@ -240,7 +256,7 @@ def plan_run(inputs: Inputs, opts: Options) -> RunPlan:
                    grow_radius=grow, peak_radius=peak, grid=grid, new_header=hn,
                    psf_sources=(src_n, src_r), flux_ratio=fr, flux_ratio_err=fr_err,
                    flux_ratio_src=fr_src, astrometric_sigma=ast, astrometric_src=ast_src,
-                   cosmics=cosmics, read_noise=rn, bleed=bleed)
+                   cosmics=cosmics, read_noise=rn, bleed=bleed, blend_radius=blend)
 
 
 def _cosmics_on(mode: str, inputs: Inputs, img: str, header) -> bool:

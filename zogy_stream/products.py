@@ -31,7 +31,7 @@ from astropy.table import Table
 from .errors import InputError
 from .masks import MaskBit
 
-__all__ = ["FLAG_NEAR_MASK", "FLAG_NEAR_SATURATED", "FLAG_EDGE", "FLAG_SHARP",
+__all__ = ["FLAG_NEAR_MASK", "FLAG_NEAR_SATURATED", "FLAG_EDGE", "FLAG_SHARP", "FLAG_BLEND",
            "annotate_candidates", "ensure_columns", "write_stamps", "write_png",
            "check_png_available"]
 
@@ -41,13 +41,17 @@ FLAG_NEAR_MASK = 1
 FLAG_NEAR_SATURATED = 2
 FLAG_EDGE = 4
 FLAG_SHARP = 8
+FLAG_BLEND = 16  #: one of two point sources a single S_corr peak was split into
 
 _NEAR_BITS = int(MaskBit.BAD_NEW | MaskBit.BAD_REF | MaskBit.USER | MaskBit.NEAR | MaskBit.COSMIC)
 
 
 def ensure_columns(tab: Table, zeropoint: float | None = None) -> Table:
-    """Add ``flags``, ``sharp`` (and ``mag``, ``mag_err`` with a zero point) when missing."""
+    """Add ``flags``, ``sharp``, ``blend`` (and ``mag``, ``mag_err`` with a zero point)
+    when missing."""
     n = len(tab)
+    if "blend" not in tab.colnames:
+        tab["blend"] = np.zeros(n, np.int32)
     if "flags" not in tab.colnames:
         tab["flags"] = np.zeros(n, np.int16)
     if "sharp" not in tab.colnames:
@@ -120,6 +124,8 @@ def annotate_candidates(cands: Table, mask_ext: np.ndarray, windows: dict, tile,
             except Exception as exc:  # noqa: BLE001 - never let a vetting aid stop the run
                 log.debug("sharpness test failed for %d candidate(s): %s", len(rows), exc)
         flags[sharp] |= FLAG_SHARP
+        if "blend" in cands.colnames:
+            flags[np.asarray(cands["blend"]) > 0] |= FLAG_BLEND
     cands["flags"] = flags
     cands["sharp"] = sharp
     return ensure_columns(cands, zeropoint)

@@ -345,6 +345,20 @@ class KernelCache:
         return job[1]
 
 
+class _Score:
+    """S on an area as ``plus - minus`` (S_N - S_R) or ``plus``, computed per slice."""
+
+    def __init__(self, plus: np.ndarray, minus: np.ndarray | None) -> None:
+        self._plus, self._minus = plus, minus
+        self.shape = plus.shape
+
+    def __getitem__(self, key) -> np.ndarray:
+        s = self._plus[key].astype(np.float64)
+        if self._minus is not None:
+            s -= self._minus[key]
+        return s
+
+
 class TileSubtractor:
     """ZOGY on padded tiles of one shape, with reusable buffers and FFT plans.
 
@@ -382,6 +396,22 @@ class TileSubtractor:
         self.inputs = self.fft.real
         self._out = (np.empty((n_out,) + self.shape, dtype=self.dtype) if image_space else None)
         self._rk: tuple | None = None
+        self._planes = None  # the last run's D, S (or S_N, S_R), ... planes
+        self._computed = None  # the box of them computed (image-space path)
+
+    def score_on(self, region) -> "_Score | None":
+        """S (eq. 17) of the tile last run on ``region`` (padded-tile pixels), to be
+        sliced (each slice a new array; nothing is computed before); None when
+        that run did not compute all of it (the image-space path computes the
+        region it was given and one pixel more).  Valid until the next :meth:`run`.
+        """
+        if self._planes is None:
+            raise ValueError("score_on() before run()")
+        y0, y1, x0, x1 = self._computed
+        if region.y0 < y0 or region.x0 < x0 or region.y1 > y1 or region.x1 > x1:
+            return None
+        sl = region.slices
+        return _Score(self._planes[1][sl], self._planes[2][sl] if self.split else None)
 
     @staticmethod
     def _fview(a: np.ndarray) -> np.ndarray:
@@ -448,6 +478,9 @@ class TileSubtractor:
             planes = self.fft.inverse()
             marks.append(("fft inverse", clock()))
             del spec
+        self._planes = planes
+        self._computed = ((g[0], g[1], g[2], g[3]) if self.image_space
+                          else (0, self.shape[0], 0, self.shape[1]))
         shape = (y1 - y0, x1 - x0)
         eps = 0.0
         if model_error == "auto" and self.split:
