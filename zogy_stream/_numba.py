@@ -813,6 +813,40 @@ def _pair_gain(s, acorr, c, p, sign, min_sep2):
 
 
 @njit(**_OPTS)
+def _source_gain(s, acorr, c, p, sign, min_sep2):
+    """chi^2 removed by one point source at ``p = (y, x)`` (``p`` of size 2) or two
+    (:func:`_pair_gain`); -1 where the amplitude has the wrong sign."""
+    if p.size == 4:
+        return _pair_gain(s, acorr, c, p, sign, min_sep2)
+    v = sign * _bicubic(s, p[0], p[1])
+    return v * v / acorr[c, c] if v > 0.0 else -1.0
+
+
+@njit(**_OPTS)
+def _refine_gain(s, acorr, c, p, best, i, j, r, sign, min_sep2):
+    """Coordinate search of the positions ``p`` (y, x pairs, kept within ``r`` of
+    (i, j)) for the largest :func:`_source_gain`, in steps halved from 1/2 to 1/32
+    pixel; ``p`` is updated in place and the gain returned (``best`` at the start)."""
+    step = 0.5
+    while step > 1.0 / 64.0:
+        moved = True
+        while moved:
+            moved = False
+            for ax in range(p.size):
+                for d in (-step, step):
+                    p[ax] += d
+                    if abs(p[ax] - (i if ax % 2 == 0 else j)) <= r:
+                        q = _source_gain(s, acorr, c, p, sign, min_sep2)
+                        if q > best:
+                            best = q
+                            moved = True
+                            continue
+                    p[ax] -= d
+        step *= 0.5
+    return best
+
+
+@njit(**_OPTS)
 def _blend_fit(s, i, j, r, sign, acorr, min_sep2):
     """One and two point sources fitted to the window of ``s`` within ``r`` of (i, j).
 
@@ -867,46 +901,14 @@ def _blend_fit(s, i, j, r, sign, acorr, min_sep2):
     one = np.empty(2)
     one[0] = i
     one[1] = j
-    g1 = (sign * s[i, j]) ** 2 / a0
-    step = 0.5
-    while step > 1.0 / 64.0:
-        moved = True
-        while moved:
-            moved = False
-            for ax in range(2):
-                for d in (-step, step):
-                    one[ax] += d
-                    if abs(one[0] - i) <= r and abs(one[1] - j) <= r:
-                        v = sign * _bicubic(s, one[0], one[1])
-                        if v > 0.0 and v * v / a0 > g1:
-                            g1 = v * v / a0
-                            moved = True
-                            continue
-                    one[ax] -= d
-        step *= 0.5
+    g1 = _refine_gain(s, acorr, c, one, (sign * s[i, j]) ** 2 / a0, i, j, r, sign, min_sep2)
     if best < 0.0:
         return g1, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     p[0] = by0
     p[1] = bx0
     p[2] = by1
     p[3] = bx1
-    step = 0.5
-    while step > 1.0 / 64.0:
-        moved = True
-        while moved:
-            moved = False
-            for ax in range(4):
-                for d in (-step, step):
-                    p[ax] += d
-                    ok = abs(p[ax] - (i if ax % 2 == 0 else j)) <= r
-                    if ok:
-                        q = _pair_gain(s, acorr, c, p, sign, min_sep2)
-                        if q > best:
-                            best = q
-                            moved = True
-                            continue
-                    p[ax] -= d
-        step *= 0.5
+    best = _refine_gain(s, acorr, c, p, best, i, j, r, sign, min_sep2)
     g = _bicubic(acorr, c + p[2] - p[0], c + p[3] - p[1])
     det = a0 * a0 - g * g
     b0 = sign * _bicubic(s, p[0], p[1])
