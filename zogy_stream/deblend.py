@@ -189,9 +189,9 @@ def split_blends(cands: Table, s, psf_d: np.ndarray, f_d: float, *,
     Returns
     -------
     Table
-        ``cands`` itself or a new table, with a ``blend`` column (0: one source; the two rows of a
-        split pair carry the same number, unique within the table), a split
-        candidate's row replaced by two: ``x``, ``y`` fitted, ``flux`` =
+        ``cands`` itself or a new table, with a ``blend`` column (0: one
+        source; the two rows of a split pair carry the same number, unique
+        within the table), a split candidate's row replaced by two: ``x``, ``y`` fitted, ``flux`` =
         amplitude / F_D, ``flux_err`` its error scaled to the candidate's
         FLUX_ERR, ``scorr`` flux over error on the scale of the candidate's
         S_corr.  ``x_peak``, ``y_peak`` and the other columns stay the peak's.
@@ -246,7 +246,8 @@ def split_blends(cands: Table, s, psf_d: np.ndarray, f_d: float, *,
         win = s[i - e:i + e + 1, j - e:j + e + 1]
         win = np.ascontiguousarray(win, dtype=np.float64) / f_d
         # D's noise there relative to unit (source noise, the S_corr noise factor):
-        # a lone source's amplitude error is 1/sqrt(A0) in unit noise
+        # a lone source's amplitude error is 1/sqrt(A0) in unit noise; never taken
+        # below 1 (a noise factor < 1 would make splitting easier: not trusted)
         kappa = max(err * f_d * math.sqrt(a0), 1.0)
         corr = sc / (flux / err)  # S_corr against FLUX/FLUX_ERR (astrometric, model terms)
         (g1, g2, y0, x0, y1, x1, amp0, amp1, _, _,

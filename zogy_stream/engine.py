@@ -164,8 +164,8 @@ class TileEngine:
                 # the next run
                 wisdom.save(learned=learned)
         self.kernels = KernelCache(plan.grid.size, dtype=np.float32)
-        # P_D and F_D for deblending, by kernel key (shared with forks: a race
-        # only builds one twice)
+        # P_D and its autocorrelation for deblending, by kernel key (shared with
+        # forks: a race only builds one twice)
         self._psf_d: dict = {}
         self.mesh_new = MeshBackground(self.readers["NEW"], cell=o.bkg_mesh,
                                        saturation=plan.saturation[0], subtract=o.background,
