@@ -74,6 +74,20 @@ def test_pair_three_pixels_apart_is_split_with_positions_and_fluxes():
     assert 0.6 < np.std(flux_pulls) < 1.6
 
 
+def test_negative_pair_is_split():
+    # two sources in the reference (negative in D and S): the same, with the sign
+    truth = [(47.3, 45.6, -600.0), (49.1, 48.2, -420.0)]
+    for seed in range(4):
+        cands, out = _split(seed, truth)
+        assert len(cands) == 1 and cands["sign"][0] == -1
+        assert len(out) == 2 and set(out["blend"].tolist()) == {1}
+        assert np.all(out["sign"] == -1) and np.all(out["scorr"] <= -5.0)
+        for y, x, f in truth:
+            k = int(np.argmin((out["y"] - y) ** 2 + (out["x"] - x) ** 2))
+            assert math.hypot(out["y"][k] - y, out["x"][k] - x) < 0.6
+            assert abs(out["flux"][k] - f) < 4 * out["flux_err"][k]
+
+
 def test_single_sources_are_not_split():
     splits = 0
     for seed in range(30):
@@ -203,20 +217,26 @@ def test_pipeline_blends_tile_invariant_and_switch(host_pair, tmp_path):
     kw = dict(new_psf=paths["new_psf"], ref_psf=paths["ref_psf"], new_var=paths["new_var"],
               ref_var=paths["ref_var"], flux_ratio=1.2, wisdom=False)
     got = {}
-    for tile, deblend in ((512, True), (256, True), (512, False)):
-        out = tmp_path / f"o{tile}{deblend}.fits"
+    # tiles of 453 start a core on the pair's peak row (453): its window
+    # reaches past what the image-space run() computes there
+    runs = ((512, True, False), (256, True, False), (512, False, False), (453, True, True))
+    for tile, deblend, image_space in runs:
+        out = tmp_path / f"o{tile}{deblend}{image_space}.fits"
         subtract(paths["new"], paths["ref"], out, catalog=out.with_suffix(".ecsv"), tile=tile,
-                 deblend=deblend, **kw)
+                 deblend=deblend, image_space=image_space, **kw)
         cat = Table.read(out.with_suffix(".ecsv"))
-        got[tile, deblend] = (cat, fits.getheader(out)["DEBLEND"])
-    (a, ra), (b, rb), (off, r_off) = got[512, True], got[256, True], got[512, False]
-    assert ra == rb == 5 and r_off == 0
-    rows = [t[t["blend"] > 0] for t in (a, b)]
+        got[tile, deblend, image_space] = (cat, fits.getheader(out)["DEBLEND"])
+    (a, ra), (b, rb), (off, r_off), (c, rc) = (got[k] for k in runs)
+    assert ra == rb == rc == 5 and r_off == 0
+    rows = [t[t["blend"] > 0] for t in (a, b, c)]
     for t in rows:
         t.sort("x")
     assert len(rows[0]) == 2
     for name in ("x", "y", "flux", "flux_err", "scorr"):  # FFT rounding apart
         np.testing.assert_allclose(rows[0][name], rows[1][name], rtol=1e-5)
+        # the image-space path: S convolved where its windows need it, beyond the
+        # region run() computed (truncated kernels: close, not equal)
+        np.testing.assert_allclose(rows[0][name], rows[2][name], rtol=2e-3, atol=0.04)
     assert (match_truth(pair, a) >= 0).all()
     assert "blend" in off.colnames and not (off["blend"] > 0).any()
     assert int((match_truth(pair, off) >= 0).sum()) == 1

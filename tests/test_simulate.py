@@ -253,7 +253,8 @@ def test_galaxies_same_in_both_images_and_hosts():
     (dict(n_stars=-3), "n_stars"), (dict(shape=(30, 30), edge=20), "edge"),
     (dict(seed=-1), "seed"), (dict(band=0), "band"), (dict(psf_size=20), "psf_size"),
     (dict(new_axis_ratio=1.2), "new_axis_ratio"), (dict(ref_axis_ratio=0), "ref_axis_ratio"),
-    (dict(new_angle="up"), "new_angle"), (dict(sky_gradient=1.0), "sky_gradient"),
+    (dict(new_angle="up"), "new_angle"), (dict(ref_angle=True), "ref_angle"),
+    (dict(sky_gradient=1.0), "sky_gradient"),
     (dict(sky_gradient="steep"), "sky_gradient")])
 def test_make_scene_bad_arguments(kwargs, name):
     kwargs.setdefault("shape", (64, 64))

@@ -759,7 +759,7 @@ def _pread_convert(fd, word, vals, out, first, stride, step, swap, bscale, bzero
     return out.shape[0]
 
 
-
+# ------------------------------------------------------------------ deblending
 @njit(**_OPTS)
 def _keys(d):
     """Keys' cubic convolution weight (a = -0.5) at distance ``d``."""
@@ -792,6 +792,16 @@ def _bicubic(a, y, x):
 
 
 @njit(**_OPTS)
+def _pair_q(a0, g, b0, b1):
+    """``b^T G^-1 b`` for ``G = [[a0, g], [g, a0]]``, or -1 when G is singular or
+    an amplitude (``G^-1 b``) is not positive."""
+    det = a0 * a0 - g * g
+    if det <= 0.0 or a0 * b0 - g * b1 <= 0.0 or a0 * b1 - g * b0 <= 0.0:
+        return -1.0
+    return (a0 * (b0 * b0 + b1 * b1) - 2.0 * g * b0 * b1) / det
+
+
+@njit(**_OPTS)
 def _pair_gain(s, acorr, c, p, sign, min_sep2):
     """chi^2 removed by two point sources at ``p = (y0, x0, y1, x1)`` (see
     :func:`_blend_fit`), or -1 when they are too close or an amplitude has the
@@ -800,16 +810,8 @@ def _pair_gain(s, acorr, c, p, sign, min_sep2):
     dx = p[3] - p[1]
     if dy * dy + dx * dx < min_sep2:
         return -1.0
-    a0 = acorr[c, c]
-    g = _bicubic(acorr, c + dy, c + dx)
-    det = a0 * a0 - g * g
-    if det <= 0.0:
-        return -1.0
-    b0 = sign * _bicubic(s, p[0], p[1])
-    b1 = sign * _bicubic(s, p[2], p[3])
-    if a0 * b0 - g * b1 <= 0.0 or a0 * b1 - g * b0 <= 0.0:
-        return -1.0
-    return (a0 * (b0 * b0 + b1 * b1) - 2.0 * g * b0 * b1) / det
+    return _pair_q(acorr[c, c], _bicubic(acorr, c + dy, c + dx),
+                   sign * _bicubic(s, p[0], p[1]), sign * _bicubic(s, p[2], p[3]))
 
 
 @njit(**_OPTS)
@@ -860,12 +862,11 @@ def _blend_fit(s, i, j, r, sign, acorr, min_sep2):
     1/32 pixel by coordinate search on ``s`` and ``A`` interpolated
     bicubically; the single source likewise.
 
-    Returns (gain1, gain2, y0, x0, y1, x1, amp0, amp1, var0, var1, resid):
-    the chi^2 removals, the pair's positions (in ``s``'s pixels) and
-    amplitudes, the amplitudes' variances for unit noise at fixed positions
-    (``G^-1``'s diagonal), and the largest |s - model of s| over the window
-    in units of its noise ``sqrt(A0)`` (a pair that describes the data leaves
-    noise).
+    Returns (gain1, gain2, y0, x0, y1, x1, amp0, amp1, resid): the chi^2
+    removals (gain2 -1 when no pair qualifies), the pair's positions (in
+    ``s``'s pixels) and amplitudes (times ``sign``: positive), and the largest |s - model of s| over the
+    window in units of its noise ``sqrt(A0)`` (a pair that describes the data
+    leaves noise).
     """
     c = acorr.shape[0] // 2
     a0 = acorr[c, c]
@@ -887,13 +888,7 @@ def _blend_fit(s, i, j, r, sign, acorr, min_sep2):
             dx = x1 - x0
             if dy * dy + dx * dx < min_sep2:
                 continue
-            b0 = sign * s[y0, x0]
-            b1 = sign * s[y1, x1]
-            g = acorr[c + dy, c + dx]
-            det = a0 * a0 - g * g
-            if det <= 0.0 or a0 * b0 - g * b1 <= 0.0 or a0 * b1 - g * b0 <= 0.0:
-                continue
-            q = (a0 * (b0 * b0 + b1 * b1) - 2.0 * g * b0 * b1) / det
+            q = _pair_q(a0, acorr[c + dy, c + dx], sign * s[y0, x0], sign * s[y1, x1])
             if q > best:
                 best = q
                 by0, bx0, by1, bx1 = y0, x0, y1, x1
@@ -903,7 +898,7 @@ def _blend_fit(s, i, j, r, sign, acorr, min_sep2):
     one[1] = j
     g1 = _refine_gain(s, acorr, c, one, (sign * s[i, j]) ** 2 / a0, i, j, r, sign, min_sep2)
     if best < 0.0:
-        return g1, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        return g1, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     p[0] = by0
     p[1] = bx0
     p[2] = by1
@@ -922,5 +917,4 @@ def _blend_fit(s, i, j, r, sign, acorr, min_sep2):
         mdl = (amp0 * _bicubic(acorr, c + y - p[0], c + x - p[1])
                + amp1 * _bicubic(acorr, c + y - p[2], c + x - p[3]))
         resid = max(resid, abs(sign * s[y, x] - mdl))
-    return (g1, best, p[0], p[1], p[2], p[3], sign * amp0, sign * amp1, a0 / det, a0 / det,
-            resid / np.sqrt(a0))
+    return g1, best, p[0], p[1], p[2], p[3], amp0, amp1, resid / np.sqrt(a0)

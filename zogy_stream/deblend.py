@@ -11,17 +11,19 @@ P_D (eq. 17).  So for point sources at positions p, q the least-squares
 amplitudes in D follow from S alone: with ``b = (S(p), S(q)) / F_D`` and
 ``G = [[A(0), A(p - q)], [A(p - q), A(0)]]`` (A: P_D's autocorrelation) they are
 ``G^-1 b``, the fit removes ``b^T G^-1 b`` from D's chi^2 (one source at p:
-``b_p^2 / A(0)``), and ``G^-1`` is their covariance.  No image is fitted: a
-search over pixel pairs and a sub-pixel refinement on S, interpolated, cost
-tens of microseconds a candidate (:func:`zogy_stream._numba._blend_fit`).
+``b_p^2 / A(0)``), and ``G^-1`` is their covariance at fixed positions (the
+errors reported free the positions too: :func:`_pair_variances`).  No image
+is fitted: a search over pixel pairs and a sub-pixel refinement on S,
+interpolated (:func:`zogy_stream._numba._blend_fit`), take ~0.1 ms a
+candidate for a FWHM of 4 px and ~0.5 ms for 7 px (window half sizes 5 and 8).
 
 A candidate becomes two when the pair removes at least the threshold squared
 more chi^2 than one source, each source alone is as significant as a
 detection must be (its flux over its error on the scale of S_corr), both have
-the candidate's sign and are at least a pixel and 0.55 FWHM apart (and not pressed
-against that limit), and the pair leaves
-noise: no residual of S beyond :data:`RESID_NSIGMA` (a star's residual or a
-cosmic ray is described neither by one point source nor by two).
+the candidate's sign, they are at least a pixel and 0.55 FWHM apart (and not
+pressed against that limit), and the pair leaves noise: no residual of S
+beyond :data:`RESID_NSIGMA` (a star's residual or a cosmic ray is described
+neither by one point source nor by two).
 """
 from __future__ import annotations
 
@@ -250,8 +252,8 @@ def split_blends(cands: Table, s, psf_d: np.ndarray, f_d: float, *,
         # below 1 (a noise factor < 1 would make splitting easier: not trusted)
         kappa = max(err * f_d * math.sqrt(a0), 1.0)
         corr = sc / (flux / err)  # S_corr against FLUX/FLUX_ERR (astrometric, model terms)
-        (g1, g2, y0, x0, y1, x1, amp0, amp1, _, _,
-         resid) = nk._blend_fit(win, e, e, r, sign, acorr, min_sep ** 2)
+        g1, g2, y0, x0, y1, x1, amp0, amp1, resid = nk._blend_fit(win, e, e, r, sign, acorr,
+                                                                   min_sep ** 2)
         if (g2 < 0 or (g2 - g1) / kappa ** 2 < thr2 + SHAPE_PRECISION * g1 / kappa ** 2
                 or resid / kappa > RESID_NSIGMA
                 or math.hypot(y1 - y0, x1 - x0) < min_sep + LIMIT_MARGIN):

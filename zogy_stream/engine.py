@@ -544,10 +544,6 @@ class TileEngine:
         e = r + PAD
         region = tile.core_in_window.grow(e)
         s = self.sub.score_on(region)
-        if s is None:  # the image-space path computed less: the peak's own region
-            e = p.peak_radius
-            region = tile.core_in_window.grow(e)
-            s = self.sub.score_on(region)
         key = (psf_key, ks.sigma_n, ks.sigma_r, ks.flux_ratio)
         got = self._psf_d.get(key)
         if got is None:

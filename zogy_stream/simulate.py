@@ -458,7 +458,7 @@ def _plan(shape, *, seed=0, n_stars=None, star_density=1500.0, star_flux=(5.0, 5
         q = _positive(f"{name}_axis_ratio", q)
         _check(q <= 1, f"{name}_axis_ratio", q, "<= 1 (minor over major axis)")
         _check(isinstance(angle, (int, float, np.integer, np.floating))
-               and math.isfinite(angle), f"{name}_angle", angle, "a finite number of degrees")
+               and not isinstance(angle, (bool, np.bool_)) and math.isfinite(angle), f"{name}_angle", angle, "a finite number of degrees")
         axis[name] = (q, math.radians(float(angle)))
     try:
         grad = float(sky_gradient)

@@ -346,16 +346,25 @@ class KernelCache:
 
 
 class _Score:
-    """S on an area as ``plus - minus`` (S_N - S_R) or ``plus``, computed per slice."""
+    """S of a :class:`TileSubtractor`'s last run on a region, read a window at a time.
 
-    def __init__(self, plus: np.ndarray, minus: np.ndarray | None) -> None:
-        self._plus, self._minus = plus, minus
-        self.shape = plus.shape
+    Indexing with two slices (non-negative, relative to the region) returns S
+    there as a new float64 array: ``S_N - S_R`` or ``S`` from the planes,
+    convolved first where the image-space path had not computed them.
+    """
+
+    def __init__(self, sub: "TileSubtractor", region) -> None:
+        self._sub, self._y0, self._x0 = sub, region.y0, region.x0
+        self.shape = region.shape
 
     def __getitem__(self, key) -> np.ndarray:
-        s = self._plus[key].astype(np.float64)
-        if self._minus is not None:
-            s -= self._minus[key]
+        ys, xs = key
+        y0, y1 = self._y0 + ys.start, self._y0 + ys.stop
+        x0, x1 = self._x0 + xs.start, self._x0 + xs.stop
+        planes = self._sub._scores_on(y0, y1, x0, x1)
+        s = planes[1][y0:y1, x0:x1].astype(np.float64)
+        if self._sub.split:
+            s -= planes[2][y0:y1, x0:x1]
         return s
 
 
@@ -399,19 +408,41 @@ class TileSubtractor:
         self._planes = None  # the last run's D, S (or S_N, S_R), ... planes
         self._computed = None  # the box of them computed (image-space path)
 
-    def score_on(self, region) -> "_Score | None":
+    def score_on(self, region) -> _Score:
         """S (eq. 17) of the tile last run on ``region`` (padded-tile pixels), to be
-        sliced (each slice a new array; nothing is computed before); None when
-        that run did not compute all of it (the image-space path computes the
-        region it was given and one pixel more).  Valid until the next :meth:`run`.
+        read a window at a time (:class:`_Score`); valid until the next :meth:`run`.
+        The Fourier path has S everywhere; the image-space path computed the
+        region given to :meth:`run` and convolves any other window when it is read.
+
+        Raises
+        ------
+        ValueError
+            Before :meth:`run`, or (image-space) a window whose kernel footprint
+            leaves the padded tile.
         """
         if self._planes is None:
             raise ValueError("score_on() before run()")
-        y0, y1, x0, x1 = self._computed
-        if region.y0 < y0 or region.x0 < x0 or region.y1 > y1 or region.x1 > x1:
-            return None
-        sl = region.slices
-        return _Score(self._planes[1][sl], self._planes[2][sl] if self.split else None)
+        return _Score(self, region)
+
+    def _scores_on(self, y0, y1, x0, x1) -> np.ndarray:
+        """The planes, with S (S_N, S_R) computed on rows y0:y1, cols x0:x1."""
+        cy0, cy1, cx0, cx1 = self._computed
+        if not (y0 >= cy0 and x0 >= cx0 and y1 <= cy1 and x1 <= cx1):
+            self._convolve_scores(self._rk[3], self._rk[4], (y0, y1, x0, x1))
+        return self._planes
+
+    def _convolve_scores(self, kn, kr, box) -> None:
+        """Image-space S (or S_N and S_R) into the planes on ``box`` (y0, y1, x0, x1)."""
+        r = self.radius
+        y0, y1, x0, x1 = box
+        if y0 - r < 0 or x0 - r < 0 or y1 + r > self.shape[0] or x1 + r > self.shape[1]:
+            raise ValueError("image-space kernel footprint leaves the padded tile")
+        src, planes = self.inputs, self._out
+        if self.split:
+            nk._convolve_pair(src[0], kn, src[1], kr, 0.0, *box, planes[1])
+            nk._convolve_pair(src[1], kr, src[0], kn, 0.0, *box, planes[2])
+        else:
+            nk._convolve_pair(src[0], kn, src[1], kr, -1.0, *box, planes[1])
 
     @staticmethod
     def _fview(a: np.ndarray) -> np.ndarray:
@@ -455,16 +486,9 @@ class TileSubtractor:
             planes = self._out
             kdn, kdr, kn, kr, kn2, kr2 = self._image_kernels(ks)
             g = (y0 - 1, y1 + 1, x0 - 1, x1 + 1)  # gradients need one more pixel
-            r = self.radius
-            if g[0] - r < 0 or g[2] - r < 0 or g[1] + r > self.shape[0] or g[3] + r > self.shape[1]:
-                raise ValueError("image-space kernel footprint leaves the padded tile")
+            self._convolve_scores(kn, kr, g)  # checks the footprint first
             src = self.inputs
             nk._convolve_pair(src[0], kdn, src[1], kdr, -1.0, *g, planes[0])
-            if self.split:
-                nk._convolve_pair(src[0], kn, src[1], kr, 0.0, *g, planes[1])
-                nk._convolve_pair(src[1], kr, src[0], kn, 0.0, *g, planes[2])
-            else:
-                nk._convolve_pair(src[0], kn, src[1], kr, -1.0, *g, planes[1])
             if self.has_var:
                 nk._convolve_pair(src[2], kn2, src[3], kr2, 1.0, *g, planes[-1])
             marks.append(("convolve", clock()))
